@@ -1,0 +1,208 @@
+"""The ``dlp`` command line: one sub-command per stage (the outermost layer; nothing in dlp/ imports it)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import DLPError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Dynamic Layerwise Pruning (DLP) for LLMs: statistics, allocation, pruning, evaluation.")
+
+# ---- shared options (defaults follow the paper: C4 128 x 2048, seed 0, alpha 0.15, median)
+ModelOpt = typer.Option("smollm2-135m", "--model", help="hub id, local HF folder, .gguf file, or 'smollm2-135m' (bundled)")
+RevisionOpt = typer.Option(None, "--revision", help="hub revision (branch, tag or commit)")
+DtypeOpt = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16")
+DeviceOpt = typer.Option("cpu", "--device", help="cpu (default) or cuda")
+TrustOpt = typer.Option(False, "--trust-remote-code", help="allow models that need custom code")
+CalibOpt = typer.Option("c4", "--calibration", help="c4 | wikitext2-valid | hf:PATH[:CONFIG[:SPLIT]] | a file or folder")
+NsamplesOpt = typer.Option(128, "--nsamples", help="calibration windows")
+SeqlenOpt = typer.Option(2048, "--seqlen", help="tokens per calibration window")
+SeedOpt = typer.Option(0, "--seed", help="Python random seed for window sampling")
+DataDirOpt = typer.Option(None, "--data-dir", help="offline dataset mirror (default: env DLP_DATA_DIR)")
+SparsityOpt = typer.Option(0.7, "--sparsity", help="target mean sparsity p in (0, 1)")
+AllocOpt = typer.Option("dlp", "--allocation", help="dlp | owl | uniform")
+AlphaOpt = typer.Option("0.15", "--alpha", help="DLP alpha: max R - min R = 2 alpha")
+StatOpt = typer.Option("median", "--statistic", help="median (paper) | mean (released code)")
+OwlMOpt = typer.Option(5.0, "--owl-m", help="OWL outlier threshold M (x block mean)")
+OwlLOpt = typer.Option(0.08, "--owl-lambda", help="OWL lambda: max R - min R = 2 lambda")
+JsonOpt = typer.Option(False, "--json", help="print JSON for scripts")
+BatchOpt = typer.Option(None, "--batch-size", help="calibration samples per block forward (default: ~8k tokens)")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _set_data_dir(data_dir: Optional[Path]) -> None:
+    if data_dir is not None:
+        if not data_dir.is_dir():
+            _fail(f"--data-dir {data_dir} is not a folder")
+        os.environ["DLP_DATA_DIR"] = str(data_dir.resolve())
+
+
+def _alpha(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise DLPError(f"--alpha must be a number such as 0.15, got '{text}'") from None
+
+
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        typer.echo(msg, err=True)
+
+
+def _prepare(model, revision, dtype, trust, calibration, nsamples, seqlen, seed, quiet):
+    from . import data, models
+
+    if nsamples <= 0:
+        raise DLPError(f"--nsamples must be a positive integer, got {nsamples}")
+    if seqlen <= 1:
+        raise DLPError(f"--seqlen must be an integer above 1, got {seqlen}")
+    t = time.perf_counter()
+    net, tok, ref = models.load_model(model, revision=revision, dtype=dtype, trust_remote_code=trust)
+    _log(f"loaded {ref.source} ({time.perf_counter() - t:.1f}s)", quiet)
+    text = data.load_text(calibration)
+    windows = data.calibration_windows(tok, text, nsamples, seqlen, seed)
+    return net, tok, ref, windows
+
+
+def _allocation(net, stats, allocation, sparsity, alpha, statistic, owl_m, owl_lambda):
+    from . import allocation as alloc
+
+    if allocation == "owl":
+        stats = stats.with_owl_m(net, owl_m)
+    return alloc.allocate(stats, allocation, sparsity, alpha=alpha, statistic=statistic, owl_lambda=owl_lambda)
+
+
+@app.command()
+def ratios(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: str = DtypeOpt,
+           device: str = DeviceOpt, trust_remote_code: bool = TrustOpt, calibration: str = CalibOpt,
+           nsamples: int = NsamplesOpt, seqlen: int = SeqlenOpt, seed: int = SeedOpt,
+           data_dir: Optional[Path] = DataDirOpt, sparsity: float = SparsityOpt, allocation: str = AllocOpt,
+           alpha: str = AlphaOpt, statistic: str = StatOpt, owl_m: float = OwlMOpt, owl_lambda: float = OwlLOpt,
+           batch_size: Optional[int] = BatchOpt, stats_out: Optional[Path] = typer.Option(None, "--stats-out", help="also save the statistics artifact (safetensors)"),
+           as_json: bool = JsonOpt):
+    """Per-block sparsities (uniform, OWL or DLP) from one calibration sweep."""
+    from . import allocation as alloc
+    from .models import resolve_device
+    from .statistics import collect_statistics
+
+    _set_data_dir(data_dir)
+    alloc.check_sparsity(sparsity)
+    a = _alpha(alpha)
+    device = resolve_device(device)
+    net, tok, ref, windows = _prepare(model, revision, dtype, trust_remote_code, calibration, nsamples, seqlen, seed, as_json)
+    t = time.perf_counter()
+    stats = collect_statistics(net, windows, device=device, batch_size=batch_size, owl_m=owl_m)
+    _log(f"statistics: {len(stats.blocks)} blocks in {time.perf_counter() - t:.1f}s", as_json)
+    if stats_out:
+        stats.save(stats_out)
+    result = _allocation(net, stats, allocation, sparsity, a, statistic, owl_m, owl_lambda)
+    out = {**result.to_json(), "model": ref.source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+           "calibration": calibration, "block_passes": stats.meta["block_passes"],
+           "block_statistics": stats.blocks}
+    if as_json:
+        typer.echo(json.dumps(out))
+    else:
+        typer.echo(f"{'block':>5} {'sparsity':>9} {'mean':>10} {'median':>10} {'owl%':>7}")
+        for i, (r, b) in enumerate(zip(result.ratios, stats.blocks)):
+            typer.echo(f"{i:>5} {r:>9.4f} {b['mean']:>10.5f} {b['median']:>10.5f} {b['owl_outlier_ratio']:>7.3f}")
+        typer.echo(f"mean {sum(result.ratios) / len(result.ratios):.4f}  range {max(result.ratios) - min(result.ratios):.4f}")
+
+
+@app.command()
+def prune(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: str = DtypeOpt,
+          device: str = DeviceOpt, trust_remote_code: bool = TrustOpt, calibration: str = CalibOpt,
+          nsamples: int = NsamplesOpt, seqlen: int = SeqlenOpt, seed: int = SeedOpt,
+          data_dir: Optional[Path] = DataDirOpt, sparsity: Optional[float] = typer.Option(None, "--sparsity", help="target mean sparsity (default 0.7; N/M for an N:M pattern)"),
+          allocation: str = AllocOpt, alpha: str = AlphaOpt, statistic: str = StatOpt, owl_m: float = OwlMOpt,
+          owl_lambda: float = OwlLOpt, method: str = typer.Option("wanda", "--method", help="magnitude | wanda | sparsegpt"),
+          pattern: str = typer.Option("unstructured", "--pattern", help="unstructured | 2:4 | 4:8 | N:M"),
+          mode: str = typer.Option("sequential", "--mode", help="sequential | oneshot"),
+          batch_size: Optional[int] = BatchOpt,
+          out: Path = typer.Option(..., "--out", help="folder for the pruned checkpoint"), as_json: bool = JsonOpt):
+    """Prune at per-block sparsities and write a loadable HF checkpoint plus a sparsity report."""
+    from . import allocation as alloc
+    from .checkpoint import save_checkpoint
+    from .models import resolve_device
+    from .pruning import METHODS, MODES, parse_pattern, prune as run_prune
+    from .statistics import collect_statistics
+
+    _set_data_dir(data_dir)
+    pat = parse_pattern(pattern)
+    if method not in METHODS:
+        raise DLPError(f"unknown method '{method}'; use one of: {', '.join(METHODS)}")
+    if mode not in MODES:
+        raise DLPError(f"unknown mode '{mode}'; use one of: {', '.join(MODES)}")
+    p = sparsity if sparsity is not None else (pat.n / pat.m if pat.structured else 0.7)
+    alloc.check_sparsity(p)
+    a = _alpha(alpha)
+    device = resolve_device(device)
+    if out.exists() and any(out.iterdir()):
+        raise DLPError(f"--out {out} exists and is not empty; choose a new folder")
+    net, tok, ref, windows = _prepare(model, revision, dtype, trust_remote_code, calibration, nsamples, seqlen, seed, as_json)
+    stats = None
+    if allocation != "uniform" or (method == "wanda" and mode == "oneshot"):
+        stats = collect_statistics(net, windows, device=device, batch_size=batch_size, owl_m=owl_m)
+        result = _allocation(net, stats, allocation, p, a, statistic, owl_m, owl_lambda)
+    else:
+        result = alloc.uniform(len(__import__("dlp.decoder", fromlist=["x"]).find_decoder(net).blocks), p)
+    report = run_prune(net, result.ratios, method=method, pattern=pat, mode=mode, windows=windows, stats=stats,
+                       device=device, batch_size=batch_size)
+    summary = {**report.to_json(), "allocation": result.to_json(), "model": ref.source,
+               "calibration": {"source": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}}
+    save_checkpoint(net, tok, out, summary)
+    summary["out"] = str(out)
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in summary.items() if k != "per_linear"}))
+    else:
+        typer.echo(f"pruned {ref.source} with {method} ({mode}, {pat}) at {allocation}: achieved sparsity "
+                   f"{report.overall:.4f}; checkpoint in {out}")
+
+
+@app.command()
+def ppl(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: str = DtypeOpt,
+        device: str = DeviceOpt, trust_remote_code: bool = TrustOpt,
+        data: str = typer.Option("wikitext2", "--data", help="wikitext2 (test split) | a file"),
+        data_dir: Optional[Path] = DataDirOpt, seqlen: int = SeqlenOpt,
+        max_windows: Optional[int] = typer.Option(None, "--max-windows", help="only the first N windows"),
+        batch_size: Optional[int] = typer.Option(None, "--batch-size", help="windows per forward"),
+        as_json: bool = JsonOpt):
+    """WikiText-2 perplexity with the papers' protocol."""
+    from . import data as dlpdata
+    from .models import load_model, resolve_device
+    from .perplexity import perplexity
+
+    _set_data_dir(data_dir)
+    if seqlen <= 1:
+        raise DLPError(f"--seqlen must be an integer above 1, got {seqlen}")
+    if max_windows is not None and max_windows <= 0:
+        raise DLPError(f"--max-windows must be a positive integer, got {max_windows}")
+    device = resolve_device(device)
+    net, tok, ref = load_model(model, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
+    ids = dlpdata.evaluation_tokens(tok, dlpdata.load_text(data))
+    result = {**perplexity(net, ids, seqlen, max_windows=max_windows, device=device, batch_size=batch_size),
+              "model": ref.source, "data": data}
+    typer.echo(json.dumps(result) if as_json else f"perplexity {result['ppl']:.4f} over {result['windows']} x {seqlen} tokens")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: bad input -> one line on stderr and exit status 2, no traceback."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except DLPError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

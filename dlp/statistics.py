@@ -1,0 +1,123 @@
+"""Per-block calibration statistics for DLP and OWL, from ONE dense forward per block.
+
+The artifact (:class:`BlockStatistics`) holds, for every linear, ``norm2[j] = sum x_j^2`` over all
+calibration tokens, and per block the pooled Wanda-score statistics: mean, median and the OWL outlier
+ratio. None of it depends on the target sparsity p or on alpha, so the pipeline computes it once and
+derives every allocation from it. It is saved as safetensors (tensors) + JSON metadata in one file.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .decoder import DecoderLayout, find_decoder
+from .engine import CalibrationEngine, InputCollector
+
+DEFAULT_OWL_M = 5.0
+
+
+def wanda_scores(weight: torch.Tensor, norm2: torch.Tensor, nsamples: int) -> torch.Tensor:
+    """``|W_ij| * ||X_j||_2``, with the squared norm averaged over calibration windows as the released
+    Wanda/DLP code does (a constant factor that cancels in every allocation and mask)."""
+    return weight.detach().abs().to(torch.float32) * torch.sqrt(norm2.to(weight.device) / nsamples).reshape(1, -1)
+
+
+def pooled_statistics(scores: list[torch.Tensor], owl_m: float = DEFAULT_OWL_M) -> dict[str, float]:
+    """Mean, median (lower middle, as ``torch.median``) and OWL outlier ratio (%) of pooled scores."""
+    pooled = torch.cat([s.flatten() for s in scores])
+    mean = pooled.mean()
+    k = (pooled.numel() + 1) // 2  # kthvalue has no 16M-element limit, unlike quantile
+    median = pooled.kthvalue(k).values
+    outliers = (pooled > mean * owl_m).sum().item() / pooled.numel() * 100.0
+    return {"mean": float(mean), "median": float(median), "owl_outlier_ratio": float(outliers)}
+
+
+@dataclass
+class BlockStatistics:
+    """Calibration statistics of a model (see the module docstring)."""
+
+    norm2: dict[str, torch.Tensor]  # weight name -> [C_in] float32
+    blocks: list[dict[str, float]]  # per block: mean, median, owl_outlier_ratio
+    nsamples: int
+    tokens: int
+    owl_m: float = DEFAULT_OWL_M
+    meta: dict = field(default_factory=dict)
+
+    def statistic(self, name: str) -> list[float]:
+        return [b[name] for b in self.blocks]
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        meta = {"blocks": self.blocks, "nsamples": self.nsamples, "tokens": self.tokens, "owl_m": self.owl_m,
+                "meta": self.meta, "format": "dlp-block-statistics/1"}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.detach().cpu().clone() for k, v in self.norm2.items()}, str(tmp),
+                  metadata={"dlp": json.dumps(meta)})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BlockStatistics":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads(fh.metadata()["dlp"])
+        return cls(norm2=load_file(str(path)), blocks=meta["blocks"], nsamples=meta["nsamples"],
+                   tokens=meta["tokens"], owl_m=meta["owl_m"], meta=meta.get("meta", {}))
+
+    def with_owl_m(self, model: nn.Module, owl_m: float) -> "BlockStatistics":
+        """The same statistics with OWL outlier ratios for another M, from the weights: no forward pass."""
+        if owl_m == self.owl_m:
+            return self
+        layout = find_decoder(model)
+        blocks = []
+        for i, summary in enumerate(self.blocks):
+            scores = [wanda_scores(lin.weight, self.norm2[layout.param_name(i, n)], self.nsamples)
+                      for n, lin in layout.linears(i).items()]
+            blocks.append({**summary, **{"owl_outlier_ratio": pooled_statistics(scores, owl_m)["owl_outlier_ratio"]}})
+        return BlockStatistics(self.norm2, blocks, self.nsamples, self.tokens, owl_m, dict(self.meta))
+
+
+class StatisticsVisitor:
+    """Collects input norms of every linear and summarises each block's pooled Wanda scores."""
+
+    def __init__(self, layout: DecoderLayout, device: torch.device, nsamples: int, owl_m: float,
+                 hessian: bool = False, then=None):
+        self.layout, self.device, self.nsamples, self.owl_m = layout, device, nsamples, owl_m
+        self.hessian = hessian
+        self.then = then  # optional visitor called after the statistics (one-shot pruning in the same pass)
+        self.norm2: dict[str, torch.Tensor] = {}
+        self.blocks: list[dict[str, float]] = []
+        self.tokens = 0
+
+    def collectors(self, index, linears):
+        return {n: InputCollector(l.in_features, self.device, self.hessian) for n, l in linears.items()}
+
+    def after_forward(self, index, block, collectors) -> bool:
+        linears = self.layout.linears(index)
+        scores = []
+        for name, linear in linears.items():
+            c = collectors[name]
+            self.norm2[self.layout.param_name(index, name)] = c.norm2.cpu()
+            scores.append(wanda_scores(linear.weight, c.norm2, self.nsamples))
+            self.tokens = c.tokens
+        self.blocks.append(pooled_statistics(scores, self.owl_m))
+        del scores
+        return self.then.after_forward(index, block, collectors) if self.then is not None else False
+
+
+def collect_statistics(model: nn.Module, windows: torch.Tensor, *, device: str = "cpu", batch_size: int | None = None,
+                       owl_m: float = DEFAULT_OWL_M, engine: CalibrationEngine | None = None) -> BlockStatistics:
+    """One dense calibration sweep: block ``l`` runs once on the dense outputs of block ``l-1``."""
+    engine = engine or CalibrationEngine(model, windows, device=device, batch_size=batch_size)
+    visitor = StatisticsVisitor(engine.layout, engine.device, windows.shape[0], owl_m)
+    engine.walk(visitor, sequential=False)
+    return BlockStatistics(norm2=visitor.norm2, blocks=visitor.blocks, nsamples=windows.shape[0],
+                           tokens=visitor.tokens, owl_m=owl_m,
+                           meta={"block_passes": engine.counters.passes_per_block(),
+                                 "num_blocks": engine.layout.num_blocks})

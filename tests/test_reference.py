@@ -1,0 +1,75 @@
+"""Against the authors' released code, run on the bundled SmolLM2-135M (../shared/reference).
+
+Statistic mean, alpha 0.15, p 0.7, calibration 32 x 512 from wikitext-2/valid.txt with seed 0,
+Wanda + DLP sequential; perplexity on the first 64 windows of 512 of the WikiText-2 test split."""
+import json
+
+import numpy as np
+import pytest
+
+from dlp import allocation
+from dlp.decoder import find_decoder
+from dlp.perplexity import perplexity
+from dlp.pruning import prune
+
+from .conftest import REFERENCE_DIR
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return json.loads((REFERENCE_DIR / "smollm2-135m.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def pruned_model(smollm, ref_windows, ref_stats):
+    from dlp.models import load_model
+
+    model, tok, _ = load_model(smollm[2])
+    rates = allocation.dlp(ref_stats, 0.7, 0.15, "mean")
+    report = prune(model, rates.ratios, method="wanda", mode="sequential", windows=ref_windows)
+    return model, report
+
+
+def test_token_counts(test_ids, ref_windows):
+    assert test_ids.shape[1] == 304838  # the data README's figure for this tokenizer
+    assert tuple(ref_windows.shape) == (32, 512)
+
+
+def test_block_statistic_and_sparsities_match(reference, ref_stats):
+    ours = allocation.dlp(ref_stats, 0.7, 0.15, "mean").ratios
+    theirs = reference["dlp"]["sparsity"]
+    assert len(ours) == len(theirs) == 30
+    assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-4
+    # the statistic itself, same normalisation as the released code
+    np.testing.assert_allclose(ref_stats.statistic("mean"), reference["dlp"]["block_statistic_mean"], rtol=1e-3)
+
+
+def test_dense_perplexity(reference, smollm, test_ids):
+    ppl = perplexity(smollm[0], test_ids, 512, max_windows=64)["ppl"]
+    expected = reference["perplexity"]["first_64_windows_of_512"]["dense"]
+    assert ppl == pytest.approx(expected, rel=0.005)
+
+
+def test_block0_masks(reference, pruned_model):
+    model, _ = pruned_model
+    masks = np.load(REFERENCE_DIR / "smollm2-135m-wanda-dlp-mean-0.7-block0-masks.npz")
+    params = dict(model.named_parameters())
+    agree = total = 0
+    for name in masks.files:
+        w = params[name].detach().numpy()
+        theirs = np.unpackbits(masks[name])[: w.size].reshape(w.shape).astype(bool)
+        agree += int(((w == 0) == theirs).sum())
+        total += w.size
+    assert len(masks.files) == len(find_decoder(model).linears(0)) == 7
+    assert agree / total >= 0.999
+
+
+def test_pruned_perplexity_and_sparsity(reference, pruned_model, test_ids):
+    model, report = pruned_model
+    assert report.overall == pytest.approx(reference["pruning"]["achieved_sparsity"], abs=2e-4)
+    assert max(abs(a - b) for a, b in zip(report.achieved, reference["pruning"]["achieved_per_block"])) < 2e-3
+    ppl = perplexity(model, test_ids, 512, max_windows=64)["ppl"]
+    expected = reference["perplexity"]["first_64_windows_of_512"]["wanda_dlp_mean_0.7"]
+    assert ppl == pytest.approx(expected, rel=0.05)
