@@ -48,13 +48,13 @@ class TextSource:
 
 
 def _read_rows(path: Path) -> list[str]:
-    """Rows of a text file as the HF ``text`` builder yields them: one per line, newline kept, CRLF -> LF."""
+    """Rows of a text file as the released code reads them: text mode (CRLF -> LF), one row per line,
+    line ends kept."""
     try:
-        raw = path.read_bytes().decode("utf-8")
+        with path.open(encoding="utf-8") as fh:
+            return fh.read().splitlines(keepends=True)
     except (OSError, UnicodeDecodeError) as exc:
         raise DLPError(f"cannot read text file {path}: {exc}; pass a readable UTF-8 file") from exc
-    rows = raw.replace("\r\n", "\n").splitlines(keepends=True)
-    return [r if r.strip() else "" for r in rows]
 
 
 def _read_documents(path: Path) -> list[str]:
@@ -188,10 +188,8 @@ def calibration_windows(tokenizer, source: TextSource, nsamples: int, seqlen: in
 
 def evaluation_tokens(tokenizer, source: TextSource) -> torch.Tensor:
     """The perplexity stream of the papers: rows joined with a blank line, tokenized once -> ``[1, n]``."""
-    if source.kind == "documents":
-        text = "\n\n".join(source.items)
-    else:
-        text = source.stream("\n\n")
+    # as the HF dataset has them: a whitespace-only row is an empty string
+    text = "\n\n".join(item if item.strip() else "" for item in source.items)
     return tokenizer(text, return_tensors="pt").input_ids
 
 

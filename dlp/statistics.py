@@ -87,10 +87,9 @@ class StatisticsVisitor:
     """Collects input norms of every linear and summarises each block's pooled Wanda scores."""
 
     def __init__(self, layout: DecoderLayout, device: torch.device, nsamples: int, owl_m: float,
-                 hessian: bool = False, then=None):
+                 hessian: bool = False):
         self.layout, self.device, self.nsamples, self.owl_m = layout, device, nsamples, owl_m
         self.hessian = hessian
-        self.then = then  # optional visitor called after the statistics (one-shot pruning in the same pass)
         self.norm2: dict[str, torch.Tensor] = {}
         self.blocks: list[dict[str, float]] = []
         self.tokens = 0
@@ -108,7 +107,7 @@ class StatisticsVisitor:
             self.tokens = c.tokens
         self.blocks.append(pooled_statistics(scores, self.owl_m))
         del scores
-        return self.then.after_forward(index, block, collectors) if self.then is not None else False
+        return False
 
 
 def collect_statistics(model: nn.Module, windows: torch.Tensor, *, device: str = "cpu", batch_size: int | None = None,
