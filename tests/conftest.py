@@ -2,6 +2,8 @@
 the project root); the real model is the bundled SmolLM2-135M, converted once into DLP_CACHE_DIR."""
 from __future__ import annotations
 
+from tests.conftest_pipeline import *  # noqa: F401,F403  (isolates PREFECT_HOME before prefect is imported)
+
 import os
 from pathlib import Path
 

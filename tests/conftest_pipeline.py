@@ -52,7 +52,8 @@ if os.environ.get("DLP_TEST_KEEP_PREFECT_HOME") != "1":
         atexit.register(shutil.rmtree, _prefect_home, ignore_errors=True)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("DO_NOT_TRACK", "true")  # MLflow 3 telemetry checks == "true"
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 DUMMY_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -356,3 +356,37 @@ def test_preflight_s3_env_endpoint_named(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
     with pytest.raises(PreflightError, match="AWS_ENDPOINT_URL_S3"):
         check_s3("s3://bucket/prefix", timeout=2)
+
+
+def test_shallow_verify_catches_missing_and_resized_files(store, tmp_path, caplog):
+    src = _make_tree(tmp_path / "src")
+    put = store.put_dir(src, "v/d")
+    m = Manifest.from_put("prune", put)
+    assert verify(store, m, deep=False)
+    _raw_put(store, "v/d/sub/x.bin", b"\x00" * 999)  # resized
+    with caplog.at_level(logging.WARNING):
+        assert not verify(store, m, deep=False)
+    assert "size changed: sub/x.bin" in caplog.text
+    store.put_dir(src, "v/d")
+    if isinstance(store, LocalStore):
+        (store.root / "v/d/config.json").unlink()
+    else:
+        store.client.delete_object(Bucket=store.bucket, Key=store._obj("v/d/config.json"))
+    with caplog.at_level(logging.WARNING):
+        assert not verify(store, m, deep=False)
+    assert "missing: config.json" in caplog.text
+
+
+def test_preflight_for_a_job_on_s3(s3_bucket, tmp_path, monkeypatch):
+    from tasks.jobconfig import load_job
+    from tasks.preflight import run_preflight
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    job = load_job(None, {"workdir": str(tmp_path / "w"), "storage.uri": s3_bucket.prefix_uri("art"),
+                          "storage.endpoint_url": s3_bucket.endpoint_url})
+    lines = run_preflight(job)
+    assert any(s3_bucket.name in line for line in lines)
+    job = load_job(None, {"workdir": str(tmp_path / "w"), "storage.uri": "s3://absent-bucket/art",
+                          "storage.endpoint_url": s3_bucket.endpoint_url})
+    with pytest.raises(PreflightError, match="absent-bucket"):
+        run_preflight(job)
