@@ -33,6 +33,20 @@ def check_sparsity(p: float) -> None:
         raise DLPError(f"sparsity must be strictly between 0 and 1 (e.g. 0.7), got {p}")
 
 
+def check_params(method: str, p: float, alpha: float = 0.15, statistic: str = "median", owl_lambda: float = 0.08) -> None:
+    """Validate allocation settings up front, before any expensive work."""
+    if method not in ALLOCATIONS:
+        raise DLPError(f"unknown allocation '{method}'; use one of: {', '.join(ALLOCATIONS)}")
+    check_sparsity(p)
+    if method == "dlp":
+        if statistic not in STATISTICS:
+            raise DLPError(f"unknown statistic '{statistic}'; use one of: {', '.join(STATISTICS)}")
+        if not 0.0 <= alpha < 0.5:
+            raise DLPError(f"alpha must be in [0, 0.5) (max R - min R = 2 alpha), got {alpha}")
+    if method == "owl" and not 0.0 <= owl_lambda < 0.5:
+        raise DLPError(f"OWL lambda must be in [0, 0.5), got {owl_lambda}")
+
+
 def _spread(values: list[float], p: float, half_range: float, sign: float, what: str) -> list[float]:
     lo, hi = min(values), max(values)
     if hi - lo <= 1e-12 * max(abs(hi), 1.0):

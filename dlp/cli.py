@@ -67,10 +67,10 @@ def _prepare(model, revision, dtype, trust, calibration, nsamples, seqlen, seed,
         raise DLPError(f"--nsamples must be a positive integer, got {nsamples}")
     if seqlen <= 1:
         raise DLPError(f"--seqlen must be an integer above 1, got {seqlen}")
+    text = data.load_text(calibration)  # bad data fails before the model is loaded
     t = time.perf_counter()
     net, tok, ref = models.load_model(model, revision=revision, dtype=dtype, trust_remote_code=trust)
     _log(f"loaded {ref.source} ({time.perf_counter() - t:.1f}s)", quiet)
-    text = data.load_text(calibration)
     windows = data.calibration_windows(tok, text, nsamples, seqlen, seed)
     return net, tok, ref, windows
 
@@ -97,8 +97,8 @@ def ratios(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: 
     from .statistics import collect_statistics
 
     _set_data_dir(data_dir)
-    alloc.check_sparsity(sparsity)
     a = _alpha(alpha)
+    alloc.check_params(allocation, sparsity, a, statistic, owl_lambda)
     device = resolve_device(device)
     net, tok, ref, windows = _prepare(model, revision, dtype, trust_remote_code, calibration, nsamples, seqlen, seed, as_json)
     t = time.perf_counter()
@@ -144,8 +144,8 @@ def prune(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: s
     if mode not in MODES:
         raise DLPError(f"unknown mode '{mode}'; use one of: {', '.join(MODES)}")
     p = sparsity if sparsity is not None else (pat.n / pat.m if pat.structured else 0.7)
-    alloc.check_sparsity(p)
     a = _alpha(alpha)
+    alloc.check_params(allocation, p, a, statistic, owl_lambda)
     device = resolve_device(device)
     if out.exists() and any(out.iterdir()):
         raise DLPError(f"--out {out} exists and is not empty; choose a new folder")
