@@ -48,11 +48,13 @@ def _set_data_dir(data_dir: Optional[Path]) -> None:
         os.environ["DLP_DATA_DIR"] = str(data_dir.resolve())
 
 
-def _alpha(text: str) -> float:
+def _alpha(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
     try:
         return float(text)
     except ValueError:
-        raise DLPError(f"--alpha must be a number such as 0.15, got '{text}'") from None
+        raise DLPError(f"--alpha must be a number such as 0.15, or auto, got '{text}'") from None
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -75,11 +77,32 @@ def _prepare(model, revision, dtype, trust, calibration, nsamples, seqlen, seed,
     return net, tok, ref, windows
 
 
-def _allocation(net, stats, allocation, sparsity, alpha, statistic, owl_m, owl_lambda):
+def _allocation(net, stats, allocation, sparsity, alpha, statistic, owl_m, owl_lambda, auto=None):
+    """``auto`` (for --alpha auto / --statistic auto): tok, calibration, nsamples, seqlen, seed, windows,
+    heldout (count or None), method, pattern, mode, device, batch_size and report (folder for the curve
+    JSON + PNG); the search summary lands in the allocation's params under ``alpha_search``."""
     from . import allocation as alloc
 
     if allocation == "owl":
         stats = stats.with_owl_m(net, owl_m)
+    if allocation == "dlp" and (alpha == "auto" or statistic == "auto"):
+        from . import data
+        from .autoalpha import choose_alpha, default_heldout_count, heldout_windows
+
+        if auto is None:
+            raise DLPError("--alpha auto / --statistic auto are available in `dlp ratios` and `dlp prune`")
+        a = auto
+        count = a["heldout"] if a["heldout"] is not None else default_heldout_count(a["seqlen"])
+        held = heldout_windows(a["tok"], data.load_text(a["calibration"]), a["nsamples"], a["seqlen"], a["seed"], count)
+        search = choose_alpha(net, stats, a["windows"], heldout=held, method=a["method"], pattern=a["pattern"],
+                              mode=a["mode"], sparsity=sparsity, statistic=statistic, device=a["device"],
+                              batch_size=a["batch_size"], alpha=None if alpha == "auto" else alpha)
+        json_path, png_path = search.save(a["report"])
+        result = search.allocation()
+        result.params["alpha_search"] = {"alpha": search.alpha, "statistic": search.statistic, "proxy": search.proxy,
+                                         "uniform_proxy": search.uniform_proxy, "cost": search.cost,
+                                         "curve_json": str(json_path), "curve_png": str(png_path)}
+        return result
     return alloc.allocate(stats, allocation, sparsity, alpha=alpha, statistic=statistic, owl_lambda=owl_lambda)
 
 
@@ -90,15 +113,20 @@ def ratios(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: 
            data_dir: Optional[Path] = DataDirOpt, sparsity: float = SparsityOpt, allocation: str = AllocOpt,
            alpha: str = AlphaOpt, statistic: str = StatOpt, owl_m: float = OwlMOpt, owl_lambda: float = OwlLOpt,
            batch_size: Optional[int] = BatchOpt, stats_out: Optional[Path] = typer.Option(None, "--stats-out", help="also save the statistics artifact (safetensors)"),
+           method: str = typer.Option("wanda", "--method", help="--alpha auto: the pruner the alpha is chosen for"),
+           pattern: str = typer.Option("unstructured", "--pattern", help="--alpha auto: unstructured | 2:4 | 4:8 | N:M"),
+           mode: str = typer.Option("sequential", "--mode", help="--alpha auto: the final run's mode"),
+           heldout: Optional[int] = typer.Option(None, "--heldout", help="--alpha auto: held-out calibration windows for the proxy (default ~4096 tokens)"),
+           alpha_report: Path = typer.Option(Path("dlp-alpha-search"), "--alpha-report", help="--alpha auto: folder for the proxy curve (JSON + PNG)"),
            as_json: bool = JsonOpt):
-    """Per-block sparsities (uniform, OWL or DLP) from one calibration sweep."""
+    """Per-block sparsities (uniform, OWL or DLP) from one calibration sweep; --alpha auto chooses alpha."""
     from . import allocation as alloc
     from .models import resolve_device
     from .statistics import collect_statistics
 
     _set_data_dir(data_dir)
     a = _alpha(alpha)
-    alloc.check_params(allocation, sparsity, a, statistic, owl_lambda)
+    alloc.check_params(allocation, sparsity, 0.15 if a == "auto" else a, "median" if statistic == "auto" else statistic, owl_lambda)
     device = resolve_device(device)
     net, tok, ref, windows = _prepare(model, revision, dtype, trust_remote_code, calibration, nsamples, seqlen, seed, as_json)
     t = time.perf_counter()
@@ -106,7 +134,10 @@ def ratios(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: 
     _log(f"statistics: {len(stats.blocks)} blocks in {time.perf_counter() - t:.1f}s", as_json)
     if stats_out:
         stats.save(stats_out)
-    result = _allocation(net, stats, allocation, sparsity, a, statistic, owl_m, owl_lambda)
+    auto = {"tok": tok, "calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+            "windows": windows, "heldout": heldout, "method": method, "pattern": pattern, "mode": mode,
+            "device": device, "batch_size": batch_size, "report": alpha_report}
+    result = _allocation(net, stats, allocation, sparsity, a, statistic, owl_m, owl_lambda, auto=auto)
     out = {**result.to_json(), "model": ref.source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
            "calibration": calibration, "block_passes": stats.meta["block_passes"],
            "block_statistics": stats.blocks}
@@ -117,6 +148,11 @@ def ratios(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: 
         for i, (r, b) in enumerate(zip(result.ratios, stats.blocks)):
             typer.echo(f"{i:>5} {r:>9.4f} {b['mean']:>10.5f} {b['median']:>10.5f} {b['owl_outlier_ratio']:>7.3f}")
         typer.echo(f"mean {sum(result.ratios) / len(result.ratios):.4f}  range {max(result.ratios) - min(result.ratios):.4f}")
+        if "alpha_search" in result.params:
+            info = result.params["alpha_search"]
+            typer.echo(f"auto: alpha {info['alpha']:.4f} ({info['statistic']}), proxy {info['proxy']:.2f} vs uniform "
+                       f"{'-' if info['uniform_proxy'] is None else round(info['uniform_proxy'], 2)}, {info['cost']['evaluations']} proxy evaluations in "
+                       f"{info['cost']['seconds']:.1f}s; curve: {info['curve_json']}, {info['curve_png']}")
 
 
 @app.command()
@@ -129,7 +165,10 @@ def prune(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: s
           pattern: str = typer.Option("unstructured", "--pattern", help="unstructured | 2:4 | 4:8 | N:M"),
           mode: str = typer.Option("sequential", "--mode", help="sequential | oneshot"),
           batch_size: Optional[int] = BatchOpt,
-          out: Path = typer.Option(..., "--out", help="folder for the pruned checkpoint"), as_json: bool = JsonOpt):
+          out: Path = typer.Option(..., "--out", help="folder for the pruned checkpoint"),
+          heldout: Optional[int] = typer.Option(None, "--heldout", help="--alpha auto: held-out calibration windows for the proxy (default ~4096 tokens)"),
+          alpha_report: Optional[Path] = typer.Option(None, "--alpha-report", help="--alpha auto: folder for the proxy curve (JSON + PNG); default <out>-alpha-search"),
+          as_json: bool = JsonOpt):
     """Prune at per-block sparsities and write a loadable HF checkpoint plus a sparsity report."""
     from . import allocation as alloc
     from .checkpoint import save_checkpoint
@@ -145,7 +184,7 @@ def prune(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: s
         raise DLPError(f"unknown mode '{mode}'; use one of: {', '.join(MODES)}")
     p = sparsity if sparsity is not None else (pat.n / pat.m if pat.structured else 0.7)
     a = _alpha(alpha)
-    alloc.check_params(allocation, p, a, statistic, owl_lambda)
+    alloc.check_params(allocation, p, 0.15 if a == "auto" else a, "median" if statistic == "auto" else statistic, owl_lambda)
     device = resolve_device(device)
     if out.exists() and any(out.iterdir()):
         raise DLPError(f"--out {out} exists and is not empty; choose a new folder")
@@ -153,7 +192,11 @@ def prune(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: s
     stats = None
     if allocation != "uniform" or (method == "wanda" and mode == "oneshot"):
         stats = collect_statistics(net, windows, device=device, batch_size=batch_size, owl_m=owl_m)
-        result = _allocation(net, stats, allocation, p, a, statistic, owl_m, owl_lambda)
+        auto = {"tok": tok, "calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+                "windows": windows, "heldout": heldout, "method": method, "pattern": pat, "mode": mode,
+                "device": device, "batch_size": batch_size,
+                "report": alpha_report or out.with_name(out.name + "-alpha-search")}
+        result = _allocation(net, stats, allocation, p, a, statistic, owl_m, owl_lambda, auto=auto)
     else:
         result = alloc.uniform(len(__import__("dlp.decoder", fromlist=["x"]).find_decoder(net).blocks), p)
     report = run_prune(net, result.ratios, method=method, pattern=pat, mode=mode, windows=windows, stats=stats,
@@ -167,6 +210,11 @@ def prune(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: s
     else:
         typer.echo(f"pruned {ref.source} with {method} ({mode}, {pat}) at {allocation}: achieved sparsity "
                    f"{report.overall:.4f}; checkpoint in {out}")
+        if "alpha_search" in result.params:
+            info = result.params["alpha_search"]
+            typer.echo(f"auto: alpha {info['alpha']:.4f} ({info['statistic']}), proxy {info['proxy']:.2f} vs uniform "
+                       f"{'-' if info['uniform_proxy'] is None else round(info['uniform_proxy'], 2)}, {info['cost']['evaluations']} proxy evaluations in "
+                       f"{info['cost']['seconds']:.1f}s; curve: {info['curve_json']}, {info['curve_png']}")
 
 
 @app.command()
@@ -193,6 +241,37 @@ def ppl(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: str
     result = {**perplexity(net, ids, seqlen, max_windows=max_windows, device=device, batch_size=batch_size),
               "model": ref.source, "data": data}
     typer.echo(json.dumps(result) if as_json else f"perplexity {result['ppl']:.4f} over {result['windows']} x {seqlen} tokens")
+
+
+@app.command("eval")
+def eval_(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: str = DtypeOpt,
+          device: str = DeviceOpt, trust_remote_code: bool = TrustOpt, data_dir: Optional[Path] = DataDirOpt,
+          tasks: str = typer.Option("zero-shot-7", "--tasks", help="zero-shot-7 | all | comma-separated task names"),
+          limit: Optional[int] = typer.Option(None, "--limit", help="only the first N documents of each task"),
+          batch_size: int = typer.Option(8, "--batch-size", help="lm-eval batch size"),
+          tasks_source: str = typer.Option("local", "--tasks-source", help="local (offline files) | hub (stock tasks)"),
+          as_json: bool = JsonOpt):
+    """Zero-shot accuracy through lm-eval on the in-memory model (offline task definitions by default)."""
+    from .models import load_model, resolve_device
+    from .zeroshot import evaluate_zero_shot, resolve_tasks
+
+    _set_data_dir(data_dir)
+    if limit is not None and limit <= 0:
+        raise DLPError(f"--limit must be a positive integer, got {limit}")
+    names = resolve_tasks(tasks, tasks_source)  # unknown names fail before the model loads
+    device = resolve_device(device)
+    net, tok, ref = load_model(model, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
+    result = evaluate_zero_shot(net, tok, names, limit=limit, batch_size=batch_size, tasks_source=tasks_source,
+                                device=device)
+    result["model"] = ref.source
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"{'task':<16} {'acc':>7} {'acc_norm':>9} {'n':>6}")
+    for name, r in result["tasks"].items():
+        norm = f"{r['acc_norm']:.4f}" if r.get("acc_norm") is not None else "-"
+        typer.echo(f"{name:<16} {r.get('acc', float('nan')):>7.4f} {norm:>9} {r.get('n_samples', 0):>6}")
+    typer.echo(f"mean acc {result['mean_acc']:.4f}  (lm-eval {result['harness_version']}, limit {limit})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -127,3 +127,21 @@ def test_installed_entry_point_exit_code():
                           env={"DLP_DATA_DIR": str(DATA_DIR), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: sparsity must be strictly between 0 and 1 (e.g. 0.7), got 1.5"
+
+
+def test_eval_json_on_tiny_model(capsys, tiny_folder):
+    code, out, err = run(capsys, "eval", "--model", str(tiny_folder), "--tasks", "rte,arc_easy", "--limit", "3", "--json")
+    assert code in (0, None), err
+    result = json.loads(out)
+    assert set(result["tasks"]) == {"rte", "arc_easy"}
+    assert all(t["n_samples"] == 3 and 0.0 <= t["acc"] <= 1.0 for t in result["tasks"].values())
+    assert result["mean_acc"] == pytest.approx(sum(t["acc"] for t in result["tasks"].values()) / 2)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["eval", "--tasks", "boolq,mmlu"], "unknown task(s) mmlu; valid tasks: boolq"),
+    (["eval", "--limit", "0"], "--limit must be a positive integer"),
+])
+def test_eval_bad_input(capsys, args, needle):
+    code, _, err = run(capsys, *args)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1

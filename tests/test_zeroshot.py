@@ -317,6 +317,11 @@ def test_evaluate_tiny_llama_all_tasks(smollm_tokenizer):
     _check_report(report, ALL_TASKS, 5)
     assert "samples" not in report
 
+    logged = evaluate_zero_shot(model, smollm_tokenizer, "rte", limit=2, log_samples=True, data_dir=DATA_DIR)
+    assert len(logged["samples"]["rte"]) == 2
+    assert logged["tasks"]["rte"]["n_samples"] == 2
+    json.dumps(logged, allow_nan=False)
+
 
 @pytest.mark.real
 def test_evaluate_smollm2_real(smollm):

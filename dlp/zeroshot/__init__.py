@@ -208,7 +208,14 @@ def evaluate_zero_shot(
             fewshot_random_seed=seed,
         )
     except KeyError as exc:  # hub mode: lm-eval does not know a name
+        if tasks_source != "hub":
+            raise
         raise DLPError(f"lm-eval does not know task {exc}; check the name with `lm_eval ls tasks`") from exc
+    except (ConnectionError, OSError) as exc:
+        if tasks_source != "hub":
+            raise
+        raise DLPError(f"cannot fetch the stock task data from the hub ({type(exc).__name__}: {exc}); check the "
+                       "network, or use tasks_source='local' with DLP_DATA_DIR") from exc
     if raw is None:  # not rank 0 (never the case for an in-memory model)
         return {}
 

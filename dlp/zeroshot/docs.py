@@ -32,9 +32,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .. import settings
 from ..errors import DLPError
 
-# task -> files it reads, relative to evalsets/ (the first alternative group that exists is used)
+# task -> files it reads, relative to evalsets/
 FILES: dict[str, list[str]] = {
     "boolq": ["boolq/val.jsonl"],
     "rte": ["rte/validation.parquet"],
@@ -56,7 +57,7 @@ def evalsets_dir(data_dir: str | Path | None = None) -> Path:
     ``data_dir`` may be the data root (that holds ``evalsets/``) or the ``evalsets`` folder itself.
     """
     if data_dir is None:
-        data_dir = _settings_data_dir()
+        data_dir = settings.data_dir()  # env DLP_DATA_DIR
         if data_dir is None:
             raise DLPError("no offline data folder: pass data_dir= or set DLP_DATA_DIR to the folder that holds "
                            "evalsets/ (or use tasks_source='hub' with internet access)")
@@ -69,15 +70,6 @@ def evalsets_dir(data_dir: str | Path | None = None) -> Path:
                    "folder that holds evalsets/")
 
 
-def _settings_data_dir() -> Path | None:
-    try:
-        from .. import settings
-    except ImportError:  # pragma: no cover - settings.py is part of the package
-        import os
-
-        value = os.environ.get("DLP_DATA_DIR", "").strip()
-        return Path(value).expanduser().resolve() if value else None
-    return settings.data_dir()
 
 
 def required_file(evalsets: Path, rel: str) -> Path:
