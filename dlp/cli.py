@@ -274,6 +274,18 @@ def eval_(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: s
     typer.echo(f"mean acc {result['mean_acc']:.4f}  (lm-eval {result['harness_version']}, limit {limit})")
 
 
+def _register_pipeline_commands() -> None:
+    """The pipeline's commands (compress, sweep, deploy, watch, promote, models, report) live with the flows;
+    they import prefect and mlflow only when they run, so ``dlp --help`` stays fast."""
+    from flows import cli_commands, ops_commands
+
+    cli_commands.register(app)
+    ops_commands.register(app)
+
+
+_register_pipeline_commands()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input -> one line on stderr and exit status 2, no traceback."""
     try:

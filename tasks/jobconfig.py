@@ -48,6 +48,7 @@ __all__ = [
     "apply_overrides",
     "derive_model_name",
     "load_job",
+    "load_job_data",
     "parse_overrides",
     "read_yaml",
 ]
@@ -353,7 +354,17 @@ def load_job(path: str | os.PathLike[str] | None = None, overrides: Mapping[str,
     overrides applied BEFORE validation. Raises :class:`JobError` (one line)."""
     where = f"job file {path}" if path is not None else "job settings"
     data = read_yaml(path) if path is not None else {}
-    merged = apply_overrides(data, overrides)
+    return load_job_data(data, overrides, where=where)
+
+
+def load_job_data(
+    data: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None = None, *, where: str = "job settings"
+) -> JobConfig:
+    """Validate a job given as a mapping (the parsed YAML document) plus dotted-key overrides.
+    Raises :class:`JobError` (one line, prefixed with ``where``)."""
+    if data is not None and not isinstance(data, Mapping):
+        raise JobError(f"{where}: expected a mapping of sections (model, calibration, pruning, ...), got {_show(data)}")
+    merged = apply_overrides(dict(data or {}), overrides)
     try:
         return JobConfig.model_validate(merged)
     except ValidationError as e:

@@ -1,0 +1,298 @@
+"""``dlp compress`` and ``dlp sweep``: the pipeline commands, registered on the ``dlp`` Typer app.
+
+    from dlp.cli import app
+    from flows.cli_commands import register
+    register(app)
+
+Prefect, MLflow and torch are imported inside the commands (``dlp --help`` stays fast). Order of work:
+load + validate the job (JobError: one line, exit 2) -> preflight (S3 endpoint, MLflow URI, workdir;
+PreflightError: one line, exit 2, in seconds) -> start Prefect (the temporary local server starts in the
+background while the pipeline code is imported) -> run the flow -> print the summary table (or ``--json``).
+
+Environment: ``PREFECT_API_URL`` (a Prefect server; default: a temporary local one), ``MLFLOW_TRACKING_URI``
+(default: SQLite in the workdir), ``AWS_*`` / ``AWS_ENDPOINT_URL_S3`` for an ``s3://`` store. Without
+``PREFECT_API_URL``/``PREFECT_HOME``/``PREFECT_PROFILE`` the Prefect database lives in ``<workdir>/prefect``,
+so everything a run keeps is under one workdir (default ``.dlp-work``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+__all__ = ["format_summary", "register"]
+
+ConfigOpt = typer.Option(None, "--config", "--job", "-c", help="job YAML (default: the offline demo, configs/demo.yaml)")
+SetOpt = typer.Option(None, "--set", help="override a job setting, e.g. --set pruning.alpha=0.2 (repeatable)")
+ModelOpt = typer.Option(None, "--model", help="model.source: hub id, local folder, .gguf, or smollm2-135m")
+RevisionOpt = typer.Option(None, "--revision", help="model.revision (hub branch, tag or commit)")
+WorkdirOpt = typer.Option(None, "--workdir", help="work folder for artifacts, MLflow and Prefect (default .dlp-work)")
+StorageOpt = typer.Option(None, "--storage", help="artifact store: a folder, file:///abs/path or s3://bucket/prefix")
+JsonOpt = typer.Option(False, "--json", help="print the summary as JSON on stdout")
+
+
+def _die(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {' '.join(str(message).split())}", err=True)
+    raise typer.Exit(code)
+
+
+def _overrides(sets: Optional[list[str]], **flags: Any) -> dict[str, Any]:
+    from tasks.jobconfig import parse_overrides
+
+    out = parse_overrides(sets or [])
+    for key, value in flags.items():
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _load(config: Optional[Path], sets: Optional[list[str]], **flags: Any):
+    from flows import resolve_job
+
+    return resolve_job(None, str(config) if config is not None else None, _overrides(sets, **flags))
+
+
+def _prefect_env(cfg) -> None:
+    """Defaults before prefect is imported: no telemetry; the Prefect database under the workdir unless the
+    user points Prefect somewhere (PREFECT_API_URL / PREFECT_HOME / PREFECT_PROFILE)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cfg.data_dir:
+        os.environ.setdefault("DLP_DATA_DIR", cfg.data_dir)
+    if "prefect" not in sys.modules and not any(os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_PROFILE")):
+        home = Path(cfg.workdir) / "prefect"
+        home.mkdir(parents=True, exist_ok=True)
+        os.environ["PREFECT_HOME"] = str(home)
+
+
+def _warm_prefect() -> threading.Thread | None:
+    """Start Prefect's temporary local server in the background (it takes seconds) while the pipeline
+    modules import; the flow call joins it first. Only in a fresh process without a configured API."""
+    if "prefect" in sys.modules or os.environ.get("PREFECT_API_URL"):
+        return None
+
+    def start() -> None:
+        try:
+            from prefect.settings import PREFECT_API_URL
+
+            if PREFECT_API_URL.value():
+                return
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start()
+        except Exception:  # noqa: BLE001 -- the flow starts it itself then
+            pass
+
+    t = threading.Thread(target=start, name="prefect-warmup", daemon=True)
+    t.start()
+    return t
+
+
+def _preimport() -> None:
+    """Import what every run needs (torch via dlp.models for the fetch stage, MLflow for register) while the
+    Prefect server starts in its own process: seconds off a fully cached re-run."""
+    try:
+        import dlp.models  # noqa: F401
+        import mlflow  # noqa: F401
+    except Exception:  # noqa: BLE001 -- the stages import them again and report errors there
+        pass
+
+
+def _preflight(cfg) -> None:
+    from tasks.preflight import run_preflight
+
+    run_preflight(cfg)
+    _check_data(cfg)
+
+
+def _check_data(cfg) -> None:
+    """Read the calibration and perplexity texts once before anything starts (local files: well under a
+    second) so a missing offline mirror fails in seconds, not after the Prefect server and model load.
+    Hub sources without a data folder are not fetched here (DLPError at once when the hub is offline)."""
+    from dlp import data, settings
+    from dlp.errors import DLPError
+
+    sources = [("calibration.source", cfg.calibration.source)]
+    if cfg.evaluation.perplexity is not None:
+        sources.append(("evaluation.perplexity.data", cfg.evaluation.perplexity.data))
+    offline = any(os.environ.get(k) == "1" for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    root = cfg.data_dir or settings.data_dir()
+    for setting, src in sources:
+        hub = src in data.STANDARD_SOURCES or src.startswith("hf:")
+        if hub and root is None:
+            if offline:
+                raise DLPError(f"{setting} '{src}' needs the hub but HF offline mode is set: set DLP_DATA_DIR "
+                               "(or data_dir in the job file) to the offline data folder")
+            continue
+        data.load_text(src, cfg.data_dir)
+
+
+def _known_errors():
+    from dlp.errors import DLPError
+    from tasks.jobconfig import JobError
+    from tasks.preflight import PreflightError
+
+    return (DLPError, JobError, PreflightError)
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The human summary printed after ``dlp compress``."""
+    lines = [f"DLP compress: {s['base_model']['source']} -> {s.get('variant', '')}", ""]
+    lines.append(f"{'stage':<12} {'cached':<7} {'seconds':>8}")
+    for name, st in s["stages"].items():
+        secs = st.get("seconds")
+        lines.append(f"{name:<12} {'yes' if st.get('cached') else 'no':<7} {('-' if secs is None else f'{secs:.1f}'):>8}")
+    lines.append("")
+    dense, pruned = s.get("dense_ppl"), s.get("pruned_ppl")
+    lines.append(f"{'':<20} {'dense':>10} {'pruned':>10}")
+    lines.append(f"{'perplexity':<20} {_fmt(dense):>10} {_fmt(pruned):>10}")
+    lines.append(f"{'sparsity':<20} {'0':>10} {_fmt(s['achieved_sparsity'], 4):>10}   (target {s['target_sparsity']:g})")
+    zs = s.get("zero_shot")
+    if zs:
+        for name, t in zs["tasks"].items():
+            lines.append(f"{'acc ' + name:<20} {_fmt(t.get('acc_dense'), 4):>10} {_fmt(t.get('acc'), 4):>10}")
+        lines.append(f"{'mean acc':<20} {_fmt(zs.get('mean_acc_dense'), 4):>10} {_fmt(zs.get('mean_acc'), 4):>10}")
+    lines.append("")
+    lines.append(f"registered: {s['registered_name']} version {s['version']} ({s['model_uri']})")
+    lines.append(f"load it:    mlflow.transformers.load_model(\"{s['alias_uri']}\")")
+    lines.append(f"checkpoint: {s['checkpoint_uri']}")
+    return "\n".join(lines)
+
+
+def _run_guarded(fn):
+    """Run fn(); known errors -> one line + exit 2; other failures -> one line + exit 1."""
+    try:
+        return fn()
+    except typer.Exit:
+        raise
+    except _known_errors() as e:
+        _die(str(e), 2)
+    except KeyboardInterrupt:
+        _die("interrupted; run the same command again to resume", 130)
+    except Exception as e:  # noqa: BLE001 -- a stage failed: say which, the rerun resumes
+        _die(f"{type(e).__name__}: {e} (finished stages are kept: run the same command again to resume)", 1)
+
+
+def _split(text: Optional[str], conv=str) -> Optional[list]:
+    if text is None:
+        return None
+    from dlp.errors import DLPError
+
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise DLPError(f"empty list {text!r}: give comma-separated values")
+    try:
+        return [conv(t) for t in items]
+    except ValueError:
+        raise DLPError(f"cannot read {text!r} as a comma-separated list of numbers") from None
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``compress`` and ``sweep`` to the app (idempotent)."""
+    existing = {c.name or (c.callback.__name__ if c.callback else None) for c in app.registered_commands}
+
+    def compress(
+        config: Optional[Path] = ConfigOpt,
+        sets: Optional[list[str]] = SetOpt,
+        model: Optional[str] = ModelOpt,
+        revision: Optional[str] = RevisionOpt,
+        sparsity: Optional[float] = typer.Option(None, "--sparsity", help="pruning.sparsity (target mean sparsity)"),
+        alpha: Optional[float] = typer.Option(None, "--alpha", help="pruning.alpha (DLP)"),
+        method: Optional[str] = typer.Option(None, "--method", help="pruning.method: wanda | sparsegpt | magnitude"),
+        allocation: Optional[str] = typer.Option(None, "--allocation", help="pruning.allocation: dlp | owl | uniform"),
+        workdir: Optional[str] = WorkdirOpt,
+        storage: Optional[str] = StorageOpt,
+        as_json: bool = JsonOpt,
+    ) -> None:
+        """Run the compression pipeline (statistics -> rates -> prune -> evaluate -> register); resumable.
+
+        With no arguments: the offline demo (SmolLM2-135M, Wanda at 70% with DLP rates)."""
+
+        def go():
+            cfg = _load(config, sets, **{"model.source": model, "model.revision": revision, "pruning.sparsity": sparsity,
+                                         "pruning.alpha": alpha, "pruning.method": method, "pruning.allocation": allocation,
+                                         "workdir": workdir, "storage.uri": storage})
+            _prefect_env(cfg)
+            _preflight(cfg)
+            warm = _warm_prefect()
+            from flows.compress import compress as compress_flow
+
+            if warm is not None:
+                _preimport()
+                warm.join()
+            summary = compress_flow(job=cfg.model_dump(mode="json"))
+            if as_json:
+                typer.echo(json.dumps(summary, default=str))
+            else:
+                typer.echo(format_summary(summary))
+
+        _run_guarded(go)
+
+    def sweep(
+        config: Optional[Path] = ConfigOpt,
+        sets: Optional[list[str]] = SetOpt,
+        methods: Optional[str] = typer.Option(None, "--methods", help="comma list, e.g. wanda,sparsegpt"),
+        allocations: Optional[str] = typer.Option(None, "--allocations", help="comma list, e.g. uniform,owl,dlp"),
+        sparsities: Optional[str] = typer.Option(None, "--sparsities", help="comma list, e.g. 0.6,0.7"),
+        alphas: Optional[str] = typer.Option(None, "--alphas", help="comma list of DLP alphas, e.g. 0.1,0.15"),
+        model: Optional[str] = ModelOpt,
+        workdir: Optional[str] = WorkdirOpt,
+        storage: Optional[str] = StorageOpt,
+        workers: int = typer.Option(2, "--workers", help="variants run concurrently (thread pool / dask threads)"),
+        dask: bool = typer.Option(False, "--dask", help="fan out through prefect_dask.DaskTaskRunner (local cluster)"),
+        as_json: bool = JsonOpt,
+    ) -> None:
+        """Statistics once, then every method x allocation x sparsity (x alpha) variant; comparison table + plot."""
+
+        def go():
+            cfg = _load(config, sets, **{"model.source": model, "workdir": workdir, "storage.uri": storage})
+            axes = dict(methods=_split(methods), allocations=_split(allocations), sparsities=_split(sparsities, float),
+                        alphas=_split(alphas, float))
+            from flows.sweep import expand_variants
+
+            expand_variants(cfg, **axes)  # validate every variant before anything runs
+            if workers < 1:
+                _die("--workers must be at least 1")
+            _prefect_env(cfg)
+            _preflight(cfg)
+            warm = _warm_prefect()
+            from prefect.task_runners import ThreadPoolTaskRunner
+
+            from flows.sweep import dask_runner, sweep as sweep_flow
+
+            runner = dask_runner(workers=1, threads=workers) if dask else ThreadPoolTaskRunner(max_workers=workers)
+            if warm is not None:
+                _preimport()
+                warm.join()
+            result = sweep_flow.with_options(task_runner=runner)(job=cfg.model_dump(mode="json"), **axes)
+            if as_json:
+                typer.echo(json.dumps(result, default=str))
+            else:
+                typer.echo(result["table"])
+                typer.echo(f"\ndense perplexity: {_fmt(result['dense_ppl'])}; sweep logged to MLflow run {result['sweep_run_id']}")
+                for s in result["variants"]:
+                    typer.echo(f"  {s['variant']}: {s['alias_uri'].split('@')[0]}/{s['version']}")
+            if result["failed"]:
+                typer.echo(f"error: {len(result['failed'])} variant(s) failed: "
+                           + "; ".join(f"{f['variant']}: {f['error']}" for f in result["failed"]), err=True)
+                raise typer.Exit(1)
+
+        _run_guarded(go)
+
+    if "compress" not in existing:
+        app.command("compress")(compress)
+    if "sweep" not in existing:
+        app.command("sweep")(sweep)

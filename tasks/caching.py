@@ -1,0 +1,408 @@
+"""Cache keys, fingerprints and the stage plumbing shared by the pipeline tasks.
+
+How a stage is cached (every stage module follows this):
+
+1. Its **content key** is ``sha256`` of the canonical JSON of the stage's explicit ingredients (see each
+   module's ``*_key`` function): content hashes of its inputs (model fingerprint, calibration-window
+   fingerprint, upstream stage keys, per-block ratios), the stage's own parameters, and the code-version
+   salt (:data:`CODE_SALT` + the stage's entry in :data:`STAGE_VERSIONS`). Never tensors, never ``hash()``,
+   never machine-local paths -- the same job on another machine computes the same keys.
+2. The **store** holds the artifact under ``<stage>/<key>/...`` and, written LAST, its manifest
+   (:mod:`tasks.manifest`). :func:`run_cached` first looks for a *verified* manifest under the content key
+   (artifact present, sha256 matches); only when there is none does the stage compute. This is the cache
+   that survives a fresh ``PREFECT_HOME`` or a second machine that shares the bucket, and the check that
+   catches a missing or corrupted artifact (warning, then recompute).
+3. **Prefect caching** is layered on top with the same key: every stage task gets
+   ``cache_key_fn=`` :func:`prefect_cache_key_fn` and persisted JSON results (only manifests) in result
+   storage on the same store. The key function verifies the store manifest first and returns ``None`` (no
+   Prefect cache, the body runs and recomputes) when the artifact is gone or corrupt, so a cached Prefect
+   result can never hand out a manifest whose artifact is broken.
+
+Test seams (environment variables, read at each call; never set them in production):
+
+- ``DLP_PIPELINE_TRACE=<file>``: every stage appends ``<stage>:<event>`` lines (``start``, ``computed``,
+  ``hit``, ...) -- tests count executions with it.
+- ``DLP_PIPELINE_FAIL=<stage>[:<point>]``: raise :class:`InjectedFailure` at that point (default ``start``).
+- ``DLP_PIPELINE_PAUSE=<stage>:<point>:<seconds>``: sleep there (lets a test SIGKILL a run mid-stage).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+from tasks.manifest import Manifest, load_verified, manifest_key, write_manifest
+from tasks.storage import ArtifactStore, PutResult, StorageError, open_store, sha256_file
+
+log = logging.getLogger("dlp.pipeline")
+
+#: Bump when the meaning of a cached artifact changes for every stage (format, protocol).
+CODE_SALT = "dlp-pipeline/1"
+#: Bump a stage's entry when that stage computes something different from the same inputs.
+STAGE_VERSIONS: dict[str, int] = {
+    "fetch": 1,
+    "calibration": 1,
+    "statistics": 1,
+    "rates": 1,
+    "prune": 1,
+    "perplexity": 1,
+    "zero_shot": 1,
+    "evaluate": 1,
+    "variant": 1,
+    "register": 1,
+}
+
+__all__ = [
+    "CODE_SALT",
+    "STAGE_VERSIONS",
+    "InjectedFailure",
+    "StoreSpec",
+    "canonical_json",
+    "content_key",
+    "file_set_fingerprint",
+    "hook",
+    "materialize",
+    "prefect_cache_key_fn",
+    "run_cached",
+    "stage_logger",
+    "text_fingerprint",
+    "tokenizer_fingerprint",
+]
+
+
+# ============================================================================================ keys
+def _canon(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _canon(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_canon(v) for v in obj]
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ValueError(f"non-finite number {obj!r} in a cache key")
+        return obj
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    if isinstance(obj, Path):
+        raise TypeError("a path in a cache key would tie the cache to one machine; hash its content instead")
+    raise TypeError(f"cannot put a {type(obj).__name__} in a cache key (use JSON values or a content hash)")
+
+
+def canonical_json(obj: Any) -> str:
+    """Sorted-key, whitespace-free JSON of JSON values (floats as Python's shortest exact repr)."""
+    return json.dumps(_canon(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def content_key(stage: str, **ingredients: Any) -> str:
+    """The content key of one stage: sha256 over the stage name, the code-version salt and the ingredients."""
+    payload = {"stage": stage, "salt": CODE_SALT, "stage_version": STAGE_VERSIONS[stage], "in": ingredients}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+# ============================================================================================ fingerprints
+def text_fingerprint(source: Any) -> str:
+    """sha256 of a loaded :class:`dlp.data.TextSource` (kind + every item, length-prefixed)."""
+    h = hashlib.sha256()
+    h.update(f"{source.kind}\n{len(source.items)}\n".encode())
+    for item in source.items:
+        b = item.encode("utf-8")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    return h.hexdigest()
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "vocab.txt",
+    "chat_template.jinja",
+)
+
+
+def file_set_fingerprint(folder: str | os.PathLike[str], names: Iterator[str] | tuple[str, ...]) -> str:
+    """sha256 over (name, file sha256) of the given files that exist in folder (missing ones are skipped)."""
+    root = Path(folder)
+    h = hashlib.sha256()
+    for name in sorted(names):
+        p = root / name
+        if p.is_file():
+            h.update(f"{name}\0{sha256_file(p)}\n".encode())
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(folder: str | os.PathLike[str]) -> str:
+    """Content hash of a model folder's tokenizer files (the model fingerprint covers weights + config only)."""
+    return file_set_fingerprint(folder, TOKENIZER_FILES)
+
+
+# ============================================================================================ store spec
+@dataclass(frozen=True)
+class StoreSpec:
+    """Everything a task needs to open the artifact store (JSON-able: it travels as a task parameter)."""
+
+    uri: str
+    workdir: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    prefect_results: bool = False  # Prefect's persisted results live under <store>/_prefect-results/
+
+    def open(self) -> ArtifactStore:
+        return open_store(self.uri, workdir=self.workdir, endpoint_url=self.endpoint_url, region=self.region)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def of(cls, spec: "StoreSpec | Mapping[str, Any]") -> "StoreSpec":
+        return spec if isinstance(spec, StoreSpec) else cls(**dict(spec))
+
+    @property
+    def scratch(self) -> Path:
+        """Machine-local scratch folder (downloads from a remote store, temporary outputs)."""
+        return Path(self.workdir).expanduser().resolve() / "cache"
+
+
+# ============================================================================================ test seams
+class InjectedFailure(RuntimeError):
+    """Raised by the DLP_PIPELINE_FAIL test seam."""
+
+
+def hook(stage: str, point: str) -> None:
+    """Trace / fail / pause at a named point of a stage (see the module docstring; no-op unless set)."""
+    trace = os.environ.get("DLP_PIPELINE_TRACE")
+    if trace:
+        with open(trace, "a", encoding="utf-8") as f:
+            f.write(f"{stage}:{point}\n")
+            f.flush()
+            os.fsync(f.fileno())
+    fail = os.environ.get("DLP_PIPELINE_FAIL")
+    if fail:
+        f_stage, _, f_point = fail.partition(":")
+        if f_stage == stage and (f_point or "start") == point:
+            raise InjectedFailure(f"injected failure in stage {stage!r} at {point!r} (DLP_PIPELINE_FAIL)")
+    pause = os.environ.get("DLP_PIPELINE_PAUSE")
+    if pause:
+        parts = pause.split(":")
+        if len(parts) == 3 and parts[0] == stage and parts[1] == point:
+            time.sleep(float(parts[2]))
+
+
+# ============================================================================================ logging
+def stage_logger(stage: str) -> logging.LoggerAdapter | logging.Logger:
+    """Prefect's run logger inside a task/flow run (shows in the UI and on stderr), else ``dlp.pipeline``."""
+    try:
+        from prefect.exceptions import MissingContextError
+        from prefect.logging import get_run_logger
+
+        try:
+            return get_run_logger()
+        except MissingContextError:
+            pass
+    except ImportError:  # pragma: no cover
+        pass
+    return log
+
+
+@contextmanager
+def block_progress(model: Any, stage: str, every_s: float = 5.0) -> Iterator[None]:
+    """Log ``<stage>: block i/N`` while the calibration engine walks the decoder (throttled, stderr)."""
+    try:
+        from dlp.decoder import find_decoder
+
+        blocks = find_decoder(model).blocks
+    except Exception:  # progress is best effort
+        yield
+        return
+    logger = stage_logger(stage)
+    n = len(blocks)
+    seen: set[int] = set()
+    last = [time.monotonic()]
+    handles = []
+
+    def make(i: int):
+        def pre_hook(_module, _args, _kwargs=None):
+            if i in seen:
+                return None
+            seen.add(i)
+            now = time.monotonic()
+            if now - last[0] >= every_s or i == n - 1:
+                last[0] = now
+                logger.info("%s: block %d/%d", stage, i + 1, n)
+            return None
+
+        return pre_hook
+
+    for i, b in enumerate(blocks):
+        handles.append(b.register_forward_pre_hook(make(i)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ============================================================================================ running a stage
+def _manifest_key_for(artifact_key: str) -> str:
+    return manifest_key(artifact_key)
+
+
+def verified_manifest(spec: StoreSpec | Mapping[str, Any], artifact_key: str, key: str) -> Manifest | None:
+    """The stage's verified manifest in the store, or None (a rejected one was logged as a warning)."""
+    store = StoreSpec.of(spec).open()
+    return load_verified(store, _manifest_key_for(artifact_key), cache_key=key)
+
+
+def run_cached(
+    spec: StoreSpec | Mapping[str, Any],
+    stage: str,
+    key: str,
+    artifact_key: str,
+    compute: Callable[[ArtifactStore], tuple[PutResult, dict[str, Any]]],
+) -> dict[str, Any]:
+    """Return the stage's verified manifest from the store, or run ``compute(store)`` and record it.
+
+    ``compute`` writes the artifact (atomically, through the store) under ``artifact_key`` and returns the
+    ``PutResult`` and the manifest figures. The manifest is written last. Returns the stage result
+    ``{"stage", "key", "manifest", "computed"}`` (JSON-able: this is what Prefect persists)."""
+    spec = StoreSpec.of(spec)
+    store = spec.open()
+    mkey = _manifest_key_for(artifact_key)
+    m = load_verified(store, mkey, cache_key=key)
+    if m is not None:
+        hook(stage, "hit")
+        return {"stage": stage, "key": key, "manifest": m.model_dump(mode="json"), "computed": False}
+    hook(stage, "start")
+    t0 = time.perf_counter()
+    put, figures = compute(store)
+    figures = dict(figures)
+    figures.setdefault("seconds", round(time.perf_counter() - t0, 3))
+    hook(stage, "after_artifact")
+    m = Manifest.from_put(stage, put, cache_key=key, figures=figures)
+    write_manifest(store, mkey, m)
+    hook(stage, "computed")
+    return {"stage": stage, "key": key, "manifest": m.model_dump(mode="json"), "computed": True}
+
+
+PREFECT_RESULTS_PREFIX = "_prefect-results"
+
+
+def prefect_cache_key_fn(stage: str, key_of: Callable[[dict[str, Any]], Any]):
+    """A Prefect ``cache_key_fn`` for a stage task.
+
+    ``key_of(parameters)`` returns ``(content_key, artifact_key)`` or a list of such pairs (a stage with
+    several artifacts). The Prefect key is a hash of the stage, its content key(s) and the store, so the
+    first run's persisted result is what the next run (or another machine sharing the store) hits.
+
+    Before returning it, the store's manifests are verified: when one is missing or its artifact is gone or
+    corrupt (warning), the Prefect record under that key -- which would hand out the broken manifest -- is
+    deleted from the result storage (``<store>/_prefect-results/<key>``), so Prefect runs the body, which
+    recomputes, and persists the fresh manifest. Returns None (no Prefect caching; the store still caches)
+    when the flow could not set up result storage on the store (``StoreSpec.prefect_results`` false)."""
+
+    def fn(_ctx: Any, parameters: dict[str, Any]) -> str | None:
+        try:
+            spec = StoreSpec.of(parameters["store"])
+            if not spec.prefect_results:
+                return None
+            pairs = key_of(parameters)
+            if isinstance(pairs, tuple):
+                pairs = [pairs]
+            parts = [stage, spec.uri] + [key for key, _ in pairs]
+            pkey = "dlp-" + stage + "-" + hashlib.sha256("\0".join(parts).encode()).hexdigest()
+            if not all(verified_manifest(spec, artifact_key, key) is not None for key, artifact_key in pairs):
+                store = spec.open()
+                if store.exists(f"{PREFECT_RESULTS_PREFIX}/{pkey}"):
+                    store.delete_prefix(f"{PREFECT_RESULTS_PREFIX}/{pkey}")
+                    log.info("stage %r: dropped Prefect's cached result %s (its artifact must be recomputed)", stage, pkey[:24])
+            return pkey
+        except Exception as e:  # never let a key problem break the run: just do not use Prefect's cache
+            log.warning("stage %r: no Prefect cache key (%s: %s); the artifact store still caches it", stage, type(e).__name__, e)
+            return None
+
+    fn.__name__ = f"{stage}_cache_key"
+    return fn
+
+
+def retry_on_storage_error(_task: Any, _task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry only transient storage / network failures."""
+    try:
+        state.result()
+    except (StorageError, ConnectionError, TimeoutError):
+        return True
+    except Exception as e:  # botocore errors without importing botocore here
+        return type(e).__module__.startswith(("botocore", "urllib3"))
+    return False
+
+
+# ============================================================================================ artifacts
+def materialize(spec: StoreSpec | Mapping[str, Any], manifest: Mapping[str, Any] | Manifest) -> Path:
+    """A local path holding the manifest's artifact: the file/folder itself for a local store, else a
+    verified download into ``<workdir>/cache/<sha256>/`` (reused while its sha256 still matches)."""
+    spec = StoreSpec.of(spec)
+    store = spec.open()
+    m = manifest if isinstance(manifest, Manifest) else Manifest.model_validate(dict(manifest))
+    local = store.local_path(m.key)
+    if local is not None:
+        if not local.exists():
+            raise StorageError(f"artifact {m.uri} is missing")
+        return local
+    name = m.key.rsplit("/", 1)[-1]
+    target_root = spec.scratch / m.sha256[:32]
+    target = target_root / name
+    stamp = target_root / ".complete"
+    if stamp.is_file() and stamp.read_text().strip() == m.sha256 and target.exists():
+        return target
+    target_root.mkdir(parents=True, exist_ok=True)
+    stamp.unlink(missing_ok=True)
+    if m.kind == "dir":
+        store.get_dir(m.key, target, verify=True)
+        from tasks.storage import hash_dir
+
+        got = hash_dir(target).sha256
+    else:
+        store.get_file(m.key, target)
+        got = sha256_file(target)
+    if got != m.sha256:
+        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        from tasks.storage import CorruptArtifact
+
+        raise CorruptArtifact(f"{m.uri}: downloaded sha256 {got[:12]} != manifest {m.sha256[:12]}")
+    stamp.write_text(m.sha256)
+    return target
+
+
+def seed_materialized(spec: StoreSpec | Mapping[str, Any], put: PutResult, local: Path) -> None:
+    """After uploading ``local`` to a remote store, keep it as the verified local copy (no re-download)."""
+    spec = StoreSpec.of(spec)
+    store = spec.open()
+    if store.local_path(put.key) is not None:
+        return
+    target_root = spec.scratch / put.sha256[:32]
+    target = target_root / put.key.rsplit("/", 1)[-1]
+    if target.exists():
+        return
+    target_root.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(local), str(target))
+    (target_root / ".complete").write_text(put.sha256)
+
+
+def json_put(store: ArtifactStore, key: str, data: Any) -> PutResult:
+    """Write deterministic JSON (sorted keys) as a file artifact."""
+    return store.write_bytes(key, (json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n").encode())
+
+
+def read_json_artifact(spec: StoreSpec | Mapping[str, Any], manifest: Mapping[str, Any]) -> Any:
+    return json.loads(materialize(spec, manifest).read_text(encoding="utf-8"))

@@ -1,0 +1,267 @@
+"""The compress flow on a tiny random Llama (real SmolLM2 tokenizer, real C4 / WikiText-2 text): caching by
+content key (counted executions), recovery from missing/corrupt artifacts, resume after a failure in evaluate
+or register, and what lands in the MLflow registry. Tiny models test plumbing, never quality."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["tests.conftest_pipeline"]
+
+BASE_SPARSITY = 0.5
+
+
+# ============================================================================================ helpers
+def make_tiny_model(folder: Path, layers: int = 4) -> Path:
+    """A random 4-block Llama (hidden 64) saved with the real SmolLM2 tokenizer (so real text tokenizes)."""
+    import torch
+    import transformers as tf
+
+    from dlp.models import resolve_model
+
+    tok = tf.AutoTokenizer.from_pretrained(resolve_model("smollm2-135m").path)
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def tiny_job(model_dir: Path, workdir: Path, **sections) -> dict:
+    job = {
+        "name": "tiny",
+        "model": {"source": str(model_dir)},
+        "calibration": {"source": "c4", "nsamples": 4, "seqlen": 64, "seed": 0},
+        "pruning": {"method": "wanda", "allocation": "dlp", "sparsity": BASE_SPARSITY, "alpha": 0.15},
+        "evaluation": {"perplexity": {"data": "wikitext2", "seqlen": 64, "max_windows": 2}},
+        "registry": {"model_name": "tiny-llama-dlp", "experiment": "dlp-test"},
+        "workdir": str(workdir),
+    }
+    for k, v in sections.items():
+        job[k] = {**job.get(k, {}), **v} if isinstance(v, dict) else v
+    return job
+
+
+def read_trace(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+def computed(path: Path) -> set[str]:
+    """Stages whose body computed an artifact since the trace was last cleared."""
+    names = {line.split(":")[0] for line in read_trace(path) if line.endswith(":computed")}
+    return names - {"perplexity", "zero_shot"}  # parts of baseline/evaluate, which are traced themselves
+
+
+class Runner:
+    """Runs the compress flow in-process and counts stage executions through the trace seam."""
+
+    def __init__(self, model_dir: Path, workdir: Path, trace: Path):
+        self.model_dir, self.workdir, self.trace = model_dir, workdir, trace
+
+    def run(self, monkeypatch, fail: str | None = None, **sections):
+        from flows.compress import compress
+
+        self.trace.write_text("")
+        monkeypatch.setenv("DLP_PIPELINE_TRACE", str(self.trace))
+        if fail:
+            monkeypatch.setenv("DLP_PIPELINE_FAIL", fail)
+        else:
+            monkeypatch.delenv("DLP_PIPELINE_FAIL", raising=False)
+        try:
+            return compress(job=tiny_job(self.model_dir, self.workdir, **sections))
+        finally:
+            monkeypatch.delenv("DLP_PIPELINE_FAIL", raising=False)
+
+    def computed(self) -> set[str]:
+        return computed(self.trace)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama-real-tok"))
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model, tmp_path_factory, prefect_harness):
+    """One completed run in a module-wide workdir: (Runner, first summary, first-run computed stages)."""
+    mp = pytest.MonkeyPatch()
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path_factory.mktemp("pipeline-base")
+    runner = Runner(tiny_model, root / "work", root / "trace.txt")
+    summary = runner.run(mp)
+    first = runner.computed()
+    mp.undo()
+    return runner, summary, first
+
+
+@pytest.fixture
+def env(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return monkeypatch
+
+
+ALL = {"fetch", "calibration", "statistics", "rates", "prune", "baseline", "evaluate", "register"}
+
+
+# ============================================================================================ tests
+def test_first_run_computes_every_stage_and_returns_the_contract(base):
+    _runner, s, first = base
+    assert first == ALL
+    assert set(s["stages"]) == ALL and not any(st["cached"] for st in s["stages"].values())
+    for key in ("registered_name", "version", "model_uri", "alias_uri", "variant_key", "dense_ppl", "pruned_ppl",
+                "achieved_sparsity", "target_sparsity", "per_block", "zero_shot", "stages", "base_model"):
+        assert key in s
+    assert s["registered_name"] == "tiny-llama-dlp" and s["version"] == "1"
+    assert s["model_uri"] == "models:/tiny-llama-dlp/1" and s["alias_uri"] == "models:/tiny-llama-dlp@candidate"
+    assert s["target_sparsity"] == BASE_SPARSITY and abs(s["achieved_sparsity"] - BASE_SPARSITY) < 0.03
+    assert len(s["per_block"]) == 4 and all({"target", "achieved", "statistic"} <= set(b) for b in s["per_block"])
+    assert s["dense_ppl"] > 1 and s["pruned_ppl"] > 1 and s["zero_shot"] is None
+    assert len(s["base_model"]["fingerprint"]) == 64
+    json.dumps(s)  # JSON-able
+    for st in ("statistics", "rates", "prune", "evaluate"):
+        assert s["stages"][st]["uri"].startswith("file://")
+
+
+def test_rerun_is_fully_cached_and_registers_nothing_new(base, env):
+    runner, s1, _ = base
+    s2 = runner.run(env)
+    assert runner.computed() == set()
+    assert all(st["cached"] for st in s2["stages"].values())
+    # Prefect's own cache answers (persisted manifests on the store) once the artifacts are verified
+    assert {s2["stages"][k]["state"] for k in ("statistics", "rates", "prune", "evaluate", "baseline")} <= {"Cached", "Completed"}
+    assert s2["version"] == s1["version"] and s2["variant_key"] == s1["variant_key"]
+    assert s2["pruned_ppl"] == s1["pruned_ppl"] and s2["checkpoint_sha256"] == s1["checkpoint_sha256"]
+    s3 = runner.run(env)
+    assert s3["stages"]["prune"]["state"] == "Cached" and s3["stages"]["statistics"]["state"] == "Cached"
+    from tasks.registry import get_client
+
+    client = get_client(None, runner.workdir)
+    assert len(client.search_model_versions("name = 'tiny-llama-dlp'")) == 1
+
+
+def test_alpha_change_recomputes_rates_prune_evaluate_register_only(base, env):
+    runner, s1, _ = base
+    s = runner.run(env, pruning={"alpha": 0.2})
+    assert runner.computed() == {"rates", "prune", "evaluate", "register"}
+    assert s["version"] == "2" and s["variant_key"] != s1["variant_key"]
+    assert s["stages"]["statistics"]["cached"] and not s["stages"]["prune"]["cached"]
+
+
+def test_calibration_change_recomputes_statistics_and_everything_after(base, env):
+    runner, _, _ = base
+    runner.run(env, calibration={"seed": 1})
+    assert runner.computed() == {"calibration", "statistics", "rates", "prune", "evaluate", "register"}
+
+
+def test_settings_outside_every_key_recompute_nothing(base, env):
+    runner, s1, _ = base
+    s = runner.run(env, name="renamed-job")  # the job's free-form name is in no cache key
+    assert runner.computed() == set() and s["version"] == s1["version"]
+
+
+def test_missing_artifact_is_recomputed_with_a_warning(base, env, caplog):
+    runner, s1, _ = base
+    stats_path = Path(s1["stages"]["statistics"]["uri"].removeprefix("file://"))
+    stats_path.unlink()
+    with caplog.at_level("WARNING"):
+        s = runner.run(env)
+    assert runner.computed() == {"statistics"}
+    assert stats_path.exists() and s["stages"]["statistics"]["cached"] is False
+    assert any("rejected" in r.getMessage() and "missing" in r.getMessage() for r in caplog.records)
+
+
+def test_corrupt_checkpoint_is_recomputed_to_the_same_weights(base, env, caplog):
+    runner, s1, _ = base
+    ckpt = Path(s1["checkpoint_uri"].removeprefix("file://"))
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100:] = bytes(100)  # same size, different bytes: only a content hash notices
+    weights.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        s = runner.run(env)
+    assert runner.computed() == {"prune"}  # evaluate/register are keyed on the prune key, not on timings
+    assert s["weights_sha256"] == s1["weights_sha256"]
+    assert any("corrupted" in r.getMessage() for r in caplog.records)
+
+
+def test_failure_in_evaluate_then_rerun_does_not_redo_statistics_or_prune(base, env):
+    from tasks.caching import InjectedFailure
+
+    runner, _, _ = base
+    with pytest.raises(InjectedFailure):
+        runner.run(env, fail="evaluate", pruning={"alpha": 0.1})
+    assert {"rates", "prune"} <= runner.computed() and "evaluate" not in runner.computed()
+    s = runner.run(env, pruning={"alpha": 0.1})
+    assert runner.computed() == {"evaluate", "register"}
+    assert s["stages"]["prune"]["cached"] and s["stages"]["statistics"]["cached"]
+
+
+def test_failure_in_register_keeps_checkpoint_and_metrics_then_only_registers(base, env):
+    from tasks.caching import InjectedFailure
+    from tasks.registry import get_client
+
+    runner, _, _ = base
+    client = get_client(None, runner.workdir)
+    before = len(client.search_model_versions("name = 'tiny-llama-dlp'"))
+    with pytest.raises(InjectedFailure):
+        runner.run(env, fail="register", pruning={"alpha": 0.05})
+    assert {"rates", "prune", "evaluate"} <= runner.computed()
+    assert len(client.search_model_versions("name = 'tiny-llama-dlp'")) == before
+    s = runner.run(env, pruning={"alpha": 0.05})
+    assert runner.computed() == {"register"}
+    assert len(client.search_model_versions("name = 'tiny-llama-dlp'")) == before + 1
+    runner.run(env, pruning={"alpha": 0.05})  # idempotent: the same variant never gets a second version
+    assert runner.computed() == set()
+    assert len(client.search_model_versions("name = 'tiny-llama-dlp'")) == before + 1
+    assert str(client.get_model_version_by_alias("tiny-llama-dlp", "candidate").version) == s["version"]
+
+
+def test_registry_run_has_params_metrics_artifacts_and_lineage(base):
+    from mlflow.artifacts import download_artifacts
+
+    from tasks.registry import get_client
+
+    runner, s1, _ = base
+    client = get_client(None, runner.workdir)
+    mv = client.get_model_version("tiny-llama-dlp", s1["version"])
+    tags = mv.tags
+    assert tags["dlp.base_hash"] == s1["base_model"]["fingerprint"]
+    assert tags["dlp.method"] == "wanda" and tags["dlp.allocation"] == "dlp" and tags["dlp.alpha"] == "0.15"
+    assert tags["dlp.variant_key"] == s1["variant_key"] and tags["dlp.artifact_uri"] == s1["checkpoint_uri"]
+    assert len(tags["dlp.calibration_fingerprint"]) == 64 and tags.get("dlp.flow_run_id")
+    run = client.get_run(mv.run_id)
+    m = run.data.metrics
+    assert m["ppl.dense"] == pytest.approx(s1["dense_ppl"]) and m["ppl.pruned"] == pytest.approx(s1["pruned_ppl"])
+    assert m["sparsity.achieved"] == pytest.approx(s1["achieved_sparsity"]) and "sparsity.block_00" in m
+    assert "time.prune_s" in m and "time.statistics_s" in m
+    assert run.data.params["pruning.alpha"] == "0.15" and run.data.params["calibration.nsamples"] == "4"
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "sparsity")}
+    assert {"sparsity/blocks.json", "sparsity/sparsity.png"} <= files
+    cfg = download_artifacts(run_id=run.info.run_id, artifact_path="config/job.yaml", tracking_uri=client.tracking_uri)
+    assert "alpha: 0.15" in Path(cfg).read_text()
+    source = client.get_model_version_download_uri("tiny-llama-dlp", s1["version"])
+    assert source
+
+
+def test_zero_shot_added_later_reuses_perplexity_and_logs_deltas(base, env):
+    from tasks.registry import get_client
+
+    runner, s1, _ = base
+    s = runner.run(env, evaluation={"perplexity": {"data": "wikitext2", "seqlen": 64, "max_windows": 2},
+                                    "zero_shot": {"tasks": ["rte"], "limit": 2}})
+    trace = read_trace(runner.trace)
+    assert "perplexity:computed" not in trace and trace.count("zero_shot:computed") == 2  # dense once + pruned
+    assert runner.computed() == {"baseline", "evaluate", "register"}
+    zs = s["zero_shot"]
+    assert zs is not None and set(zs["tasks"]) == {"rte"}
+    assert zs["tasks"]["rte"]["acc"] is not None and zs["tasks"]["rte"]["acc_dense"] is not None
+    assert s["pruned_ppl"] == s1["pruned_ppl"]
+    client = get_client(None, runner.workdir)
+    m = client.get_run(client.get_model_version("tiny-llama-dlp", s["version"]).run_id).data.metrics
+    assert "zeroshot.rte.acc" in m and "zeroshot.rte.acc_delta" in m and "zeroshot.mean_acc_delta" in m

@@ -1,0 +1,83 @@
+"""Resume after a hard kill: the compress flow runs in a subprocess, is SIGKILLed while prune is writing
+(artifact stored, manifest not yet), and the same command run again completes with the same result as an
+uninterrupted run (same pruned weights sha256, per-block sparsity and perplexity)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_pipeline_flow import Runner, computed, tiny_job, tiny_model  # noqa: F401 (fixture)
+
+pytest_plugins = ["tests.conftest_pipeline"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = """
+import json, sys
+sys.path.insert(0, {root!r})
+from flows.compress import compress
+summary = compress(job=json.loads(open(sys.argv[1]).read()))
+open(sys.argv[2], "w").write(json.dumps(summary))
+"""
+
+
+def _env(extra: dict[str, str]) -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DLP_PIPELINE_", "PYTEST_"))}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PREFECT_API_URL"] = PREFECT_API_URL.value()  # the test session's server: no startup per process
+    env.update(extra)
+    return env
+
+
+def test_sigkill_during_prune_then_rerun_matches_an_uninterrupted_run(tiny_model, tmp_path, prefect_harness, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # reference: an uninterrupted run in this process, in its own workdir
+    ref_runner = Runner(tiny_model, tmp_path / "ref-work", tmp_path / "ref-trace.txt")
+    ref = ref_runner.run(monkeypatch, pruning={"alpha": 0.12})
+
+    work = tmp_path / "work"
+    job_file = tmp_path / "job.json"
+    job_file.write_text(json.dumps(tiny_job(tiny_model, work, pruning={"alpha": 0.12})))
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT.format(root=str(ROOT)))
+    trace = tmp_path / "trace.txt"
+    out = tmp_path / "summary.json"
+
+    env = _env({"DLP_PIPELINE_TRACE": str(trace), "DLP_PIPELINE_PAUSE": "prune:after_artifact:120"})
+    proc = subprocess.Popen([sys.executable, str(script), str(job_file), str(out)], env=env, cwd=str(ROOT),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "prune:after_artifact" not in (trace.read_text() if trace.exists() else ""):
+            assert proc.poll() is None, "the flow ended before prune started"
+            assert time.monotonic() < deadline, "prune did not start in time"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # mid-prune: checkpoint stored, manifest not written
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    assert {"statistics", "rates"} <= computed(trace) and "prune" not in computed(trace)
+
+    trace.write_text("")
+    done = subprocess.run([sys.executable, str(script), str(job_file), str(out)], env=_env({"DLP_PIPELINE_TRACE": str(trace)}),
+                          cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert computed(trace) == {"prune", "evaluate", "register"}  # statistics, rates, baseline were kept
+    s = json.loads(out.read_text())
+    assert s["weights_sha256"] == ref["weights_sha256"]
+    assert [b["achieved"] for b in s["per_block"]] == [b["achieved"] for b in ref["per_block"]]
+    assert s["pruned_ppl"] == pytest.approx(ref["pruned_ppl"], rel=1e-6)
+    assert s["dense_ppl"] == pytest.approx(ref["dense_ppl"], rel=1e-6)
+    assert s["version"] == "1"
