@@ -1,6 +1,9 @@
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
+# the offline datasets: ../shared/data beside the project unless DLP_DATA_DIR points elsewhere
+DLP_DATA_DIR ?= $(abspath ../shared/data)
+export DLP_DATA_DIR
 
 .PHONY: setup lock test test-fast demo bench clean
 
