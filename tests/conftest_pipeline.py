@@ -55,6 +55,11 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("DO_NOT_TRACK", "true")  # MLflow 3 telemetry checks == "true"
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+# Import prefect now, at collection time: its logging set-up binds the console handler to the current
+# sys.stderr. If the first import happened inside a test that swaps the streams (CliRunner, capsys), the
+# handler would keep that stream after it is closed, and every later Prefect log line would fail.
+import prefect  # noqa: E402,F401
+
 DUMMY_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
