@@ -58,6 +58,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # Import prefect now, at collection time: its logging set-up binds the console handler to the current
 # sys.stderr. If the first import happened inside a test that swaps the streams (CliRunner, capsys), the
 # handler would keep that stream after it is closed, and every later Prefect log line would fail.
+# Prefect's console handler is silenced below CRITICAL in tests (flow logs still reach the API and the
+# test assertions read states and manifests, not console text): an in-process CLI run under a
+# stream-swapping runner can leave that handler on a closed stream, and its write errors then recurse.
+os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
 import prefect  # noqa: E402,F401
 
 DUMMY_AWS_ENV = {
@@ -231,3 +235,25 @@ def pipeline_workdir(tmp_path: Path) -> Path:
     work = tmp_path / "work"
     work.mkdir()
     return work
+
+
+@pytest.fixture(autouse=True)
+def _heal_closed_log_streams():
+    """A command run in-process under a stream-swapping runner (CliRunner, capsys) can make Prefect set
+    its logging up again, binding its console handlers to that runner's stream; once the runner closes
+    it, every later log line fails. After each test, point any handler on a closed stream back at the
+    process's stderr."""
+    yield
+    import logging
+
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for lg in loggers:
+        for handler in lg.handlers:
+            stream = getattr(handler, "stream", None)
+            if stream is not None and getattr(stream, "closed", False):
+                handler.setStream(sys.__stderr__)
+                console = getattr(handler, "console", None)
+                if console is not None:
+                    console.file = sys.__stderr__
