@@ -253,7 +253,7 @@ def _heal_closed_log_streams():
         for handler in lg.handlers:
             stream = getattr(handler, "stream", None)
             if stream is not None and getattr(stream, "closed", False):
-                handler.setStream(sys.__stderr__)
+                handler.stream = sys.__stderr__  # not setStream(): it would flush the closed stream
                 console = getattr(handler, "console", None)
                 if console is not None:
                     console.file = sys.__stderr__

@@ -1,3 +1,4 @@
+# Named to run last: it starts a Prefect server and a worker and leaves process-global MLflow state behind.
 """Deployments: prefect.yaml preparation, `dlp deploy` errors, and the real thing end to end -- a local
 `prefect server`, `dlp deploy`, a `compress` flow run triggered through the API and executed by a
 `prefect worker` (process pool) on a tiny model, then everything stopped."""
