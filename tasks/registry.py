@@ -126,8 +126,19 @@ def configure_mlflow(tracking_uri: str | None = None, workdir: str | os.PathLike
     db = sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    # MLflow 3 also exports both URIs to the environment ("so that subprocesses inherit it"). Left there, the
+    # exported URI would win over the next job's workdir in this process (resolve_tracking_uri reads the
+    # environment first): a second job with another workdir would write into the first job's registry.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    try:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return uri
 
 

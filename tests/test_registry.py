@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import time
 from pathlib import Path
 
@@ -62,6 +64,20 @@ def test_default_tracking_uri_is_absolute_sqlite(tmp_path, monkeypatch):
     assert reg.default_artifact_location("http://mlflow.example:5000") is None
     monkeypatch.chdir(tmp_path)
     assert reg.resolve_tracking_uri("sqlite:///rel.db") == f"sqlite:///{(tmp_path / 'rel.db').resolve()}"
+
+
+def test_configuring_one_workdir_does_not_redirect_the_next(tmp_path, monkeypatch):
+    """MLflow exports the URI it is given to the environment; two jobs with different workdirs in one process
+    (a sweep, the watcher, a test session) must still each write into their own registry."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    first = reg.configure_mlflow(None, tmp_path / "a")
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    second = reg.configure_mlflow(None, tmp_path / "b")
+    assert first != second and second == reg.default_tracking_uri(tmp_path / "b")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////x/user.db")  # a user's own setting is kept
+    assert reg.configure_mlflow(None, tmp_path / "c") == "sqlite:////x/user.db"
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:////x/user.db"
 
 
 def test_lineage_tags():
