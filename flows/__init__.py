@@ -33,8 +33,4 @@ def resolve_job(job: Mapping[str, Any] | None = None, job_file: str | os.PathLik
     cfg.workdir = str(cfg.workdir_path)
     if cfg.data_dir:
         cfg.data_dir = str(Path(cfg.data_dir).expanduser().resolve())
-    p = cfg.pruning
-    if p.alpha == "auto" or p.statistic == "auto":
-        raise DLPError("pruning.alpha / pruning.statistic 'auto' is not supported by the pipeline yet; "
-                       "give a number for alpha (e.g. 0.15) and median or mean for the statistic")
     return cfg

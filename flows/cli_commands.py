@@ -160,6 +160,13 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append(f"{'':<20} {'dense':>10} {'pruned':>10}")
     lines.append(f"{'perplexity':<20} {_fmt(dense):>10} {_fmt(pruned):>10}")
     lines.append(f"{'sparsity':<20} {'0':>10} {_fmt(s['achieved_sparsity'], 4):>10}   (target {s['target_sparsity']:g})")
+    found = s.get("alpha_search")
+    if found:
+        uni = found.get("uniform_proxy")
+        lines.append(f"alpha auto: {found['alpha']:.4f} ({found['statistic']}); held-out proxy {_fmt(found.get('proxy'))}"
+                     f" vs uniform {_fmt(uni)}; {found['evaluations']} candidates evaluated, "
+                     f"{found['cached_candidates']} cached, {found['cost']['seconds']:.0f}s")
+        lines.append(f"            curve: {found['curve_uri']}")
     zs = s.get("zero_shot")
     if zs:
         for name, t in zs["tasks"].items():
@@ -186,6 +193,18 @@ def _run_guarded(fn):
         _die(f"{type(e).__name__}: {e} (finished stages are kept: run the same command again to resume)", 1)
 
 
+def _alpha(text: Optional[str]):
+    """``--alpha``: None, "auto" or a float (range checked by the job schema)."""
+    if text is None or text.strip().lower() == "auto":
+        return None if text is None else "auto"
+    try:
+        return float(text)
+    except ValueError:
+        from dlp.errors import DLPError
+
+        raise DLPError(f"--alpha must be a number such as 0.15, or auto, got {text!r}") from None
+
+
 def _split(text: Optional[str], conv=str) -> Optional[list]:
     if text is None:
         return None
@@ -196,6 +215,8 @@ def _split(text: Optional[str], conv=str) -> Optional[list]:
         raise DLPError(f"empty list {text!r}: give comma-separated values")
     try:
         return [conv(t) for t in items]
+    except DLPError as e:
+        raise DLPError(f"cannot read {text!r}: {e}") from None
     except ValueError:
         raise DLPError(f"cannot read {text!r} as a comma-separated list of numbers") from None
 
@@ -210,7 +231,8 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = ModelOpt,
         revision: Optional[str] = RevisionOpt,
         sparsity: Optional[float] = typer.Option(None, "--sparsity", help="pruning.sparsity (target mean sparsity)"),
-        alpha: Optional[float] = typer.Option(None, "--alpha", help="pruning.alpha (DLP)"),
+        alpha: Optional[str] = typer.Option(None, "--alpha", help="pruning.alpha (DLP): a number such as 0.15, or auto"),
+        statistic: Optional[str] = typer.Option(None, "--statistic", help="pruning.statistic (DLP): median | mean | auto"),
         method: Optional[str] = typer.Option(None, "--method", help="pruning.method: wanda | sparsegpt | magnitude"),
         allocation: Optional[str] = typer.Option(None, "--allocation", help="pruning.allocation: dlp | owl | uniform"),
         workdir: Optional[str] = WorkdirOpt,
@@ -223,7 +245,8 @@ def register(app: typer.Typer) -> None:
 
         def go():
             cfg = _load(config, sets, **{"model.source": model, "model.revision": revision, "pruning.sparsity": sparsity,
-                                         "pruning.alpha": alpha, "pruning.method": method, "pruning.allocation": allocation,
+                                         "pruning.alpha": _alpha(alpha), "pruning.statistic": statistic,
+                                         "pruning.method": method, "pruning.allocation": allocation,
                                          "workdir": workdir, "storage.uri": storage})
             _prefect_env(cfg)
             _preflight(cfg)
@@ -247,7 +270,7 @@ def register(app: typer.Typer) -> None:
         methods: Optional[str] = typer.Option(None, "--methods", help="comma list, e.g. wanda,sparsegpt"),
         allocations: Optional[str] = typer.Option(None, "--allocations", help="comma list, e.g. uniform,owl,dlp"),
         sparsities: Optional[str] = typer.Option(None, "--sparsities", help="comma list, e.g. 0.6,0.7"),
-        alphas: Optional[str] = typer.Option(None, "--alphas", help="comma list of DLP alphas, e.g. 0.1,0.15"),
+        alphas: Optional[str] = typer.Option(None, "--alphas", help="comma list of DLP alphas, e.g. 0,0.15,auto"),
         model: Optional[str] = ModelOpt,
         workdir: Optional[str] = WorkdirOpt,
         storage: Optional[str] = StorageOpt,
@@ -260,7 +283,7 @@ def register(app: typer.Typer) -> None:
         def go():
             cfg = _load(config, sets, **{"model.source": model, "workdir": workdir, "storage.uri": storage})
             axes = dict(methods=_split(methods), allocations=_split(allocations), sparsities=_split(sparsities, float),
-                        alphas=_split(alphas, float))
+                        alphas=_split(alphas, _alpha))
             from flows.sweep import expand_variants
 
             expand_variants(cfg, **axes)  # validate every variant before anything runs

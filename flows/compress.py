@@ -29,7 +29,7 @@ from tasks.caching import PREFECT_RESULTS_PREFIX, StoreSpec, stage_logger
 from tasks.evaluate import baseline_task, evaluate_task, evaluation_spec
 from tasks.fetch import fetch_task
 from tasks.prune import prune_task
-from tasks.rates import rates_task
+from tasks.rates import chosen_allocation, rates_task
 from tasks.register import register_task
 from tasks.statistics import calibration_task, statistics_task
 
@@ -37,7 +37,7 @@ log = logging.getLogger("dlp.pipeline")
 
 STAGES = ("fetch", "calibration", "statistics", "rates", "prune", "baseline", "evaluate", "register")
 
-__all__ = ["STAGES", "compress", "resolve_job", "store_spec", "result_storage_slug", "summarize"]
+__all__ = ["STAGES", "compress", "search_settings", "resolve_job", "store_spec", "result_storage_slug", "summarize"]
 
 
 # ============================================================================================ job / store
@@ -94,6 +94,25 @@ def alloc_settings(cfg) -> dict[str, Any]:
     p = cfg.pruning
     return {"allocation": p.allocation, "sparsity": p.sparsity, "alpha": p.alpha, "statistic": p.statistic,
             "owl_m": p.owl_m, "owl_lambda": p.owl_lambda}
+
+
+def search_settings(cfg) -> dict[str, Any] | None:
+    """The alpha search's settings (``pruning.alpha: auto`` / ``statistic: auto`` under DLP), else None --
+    so a fixed-alpha job's rates key is unchanged."""
+    p = cfg.pruning
+    if p.allocation != "dlp" or (p.alpha != "auto" and p.statistic != "auto"):
+        return None
+    return {"method": p.method, "pattern": p.pattern, "mode": p.mode, "heldout": p.search.heldout,
+            "budget": p.search.budget, "confirm": p.search.confirm, "data_dir": cfg.data_dir}
+
+
+def rates_inputs(cfg, calib: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of the rates task besides store/model/stats."""
+    search = search_settings(cfg)
+    out: dict[str, Any] = {"alloc": alloc_settings(cfg), "settings": model_settings(cfg)}
+    if search is not None:
+        out.update(calib=calib, search=search)
+    return out
 
 
 def prune_params(cfg) -> dict[str, Any]:
@@ -161,6 +180,8 @@ def summarize(cfg, model: Mapping[str, Any], stats: Mapping[str, Any], rates: Ma
         "run_id": reg.get("run_id"),
         "variant_key": registered["key"],
         "variant": cfg.variant_name(),
+        "allocation": {"allocation": cfg.pruning.allocation, **chosen_allocation(rates)},
+        "alpha_search": rf.get("alpha_search"),
         "dense_ppl": (baseline or {}).get("ppl"),
         "pruned_ppl": evaluation.get("ppl"),
         "achieved_sparsity": float(pf["achieved_sparsity"]),
@@ -220,7 +241,7 @@ def compress(job: dict | None = None, job_file: str | None = None, overrides: di
     spec, slug, model, calib, stats, espec, baseline = prepare(cfg, stages)
     store = spec.as_dict()
     rates = call_stage(with_storage(rates_task, slug), stages, "rates", store=store, model=model, stats=stats,
-                       alloc=alloc_settings(cfg), settings=model_settings(cfg))
+                       **rates_inputs(cfg, calib))
     pruned = call_stage(with_storage(prune_task, slug), stages, "prune", store=store, model=model, calib=calib,
                         stats=stats, rates=rates, params=prune_params(cfg))
     evaluation = call_stage(with_storage(evaluate_task, slug), stages, "evaluate", store=store,

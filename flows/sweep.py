@@ -19,14 +19,14 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import resolve_job
-from flows.compress import alloc_settings, model_settings, prepare, prune_params, stage_record, summarize, with_storage
+from flows.compress import prepare, prune_params, rates_inputs, stage_record, summarize, with_storage
 from tasks.caching import content_key, stage_logger
 from tasks.evaluate import evaluate_task
 from tasks.prune import prune_task
@@ -42,7 +42,7 @@ __all__ = ["expand_variants", "format_table", "sweep", "plot_sweep"]
 
 # ============================================================================================ variants
 def expand_variants(base, methods: Sequence[str] | None = None, allocations: Sequence[str] | None = None,
-                    sparsities: Sequence[float] | None = None, alphas: Sequence[float] | None = None) -> list:
+                    sparsities: Sequence[float] | None = None, alphas: Sequence[float | str] | None = None) -> list:
     """Job configs of every (method, allocation, sparsity, alpha) combination; alpha only varies the DLP
     allocation (duplicates dropped). Invalid values raise JobError (validated on assignment)."""
     from tasks.jobconfig import JobError
@@ -74,7 +74,7 @@ def expand_variants(base, methods: Sequence[str] | None = None, allocations: Seq
 
 
 # ============================================================================================ table / plot
-COLUMNS = ("variant", "method", "allocation", "sparsity", "alpha", "achieved", "ppl", "dense_ppl", "ppl_ratio",
+COLUMNS = ("variant", "method", "allocation", "sparsity", "alpha", "chosen", "achieved", "ppl", "dense_ppl", "ppl_ratio",
            "zero_shot_mean_acc", "version", "status")
 
 
@@ -82,6 +82,11 @@ def _row(v, summary: Mapping[str, Any] | None, error: str | None) -> dict[str, A
     p = v.pruning
     row: dict[str, Any] = {"variant": v.variant_name(), "method": p.method, "allocation": p.allocation,
                            "sparsity": p.sparsity, "alpha": p.alpha if p.allocation == "dlp" else None}
+    row["chosen"] = None  # DLP: the alpha and statistic the rates used (the search's choice under auto)
+    if summary and p.allocation == "dlp":
+        ch = summary.get("allocation") or {}
+        if ch.get("alpha") is not None:
+            row["chosen"] = f"{float(ch['alpha']):.4g} {ch.get('statistic')}"
     if summary:
         dense, ppl = summary.get("dense_ppl"), summary.get("pruned_ppl")
         zs = summary.get("zero_shot") or {}
@@ -124,7 +129,8 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | Path, dense_ppl: f
     for r in rows:
         if r.get("ppl") is None:
             continue
-        label = f"{r['method']} / {r['allocation']}" + (f" a={r['alpha']:g}" if r.get("alpha") is not None else "")
+        alpha = r.get("alpha")
+        label = f"{r['method']} / {r['allocation']}" + ("" if alpha is None else f" a={alpha:g}" if isinstance(alpha, float) else f" a={alpha}")
         groups.setdefault(label, []).append((float(r["sparsity"]), float(r["ppl"])))
     for label, pts in sorted(groups.items()):
         pts.sort()
@@ -193,7 +199,7 @@ def log_sweep_task(job: dict[str, Any], rows: list[dict[str, Any]], sweep_key: s
 @flow(name="sweep", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def sweep(job: dict | None = None, job_file: str | None = None, overrides: dict | None = None,
           methods: list[str] | None = None, allocations: list[str] | None = None,
-          sparsities: list[float] | None = None, alphas: list[float] | None = None) -> dict:
+          sparsities: list[float] | None = None, alphas: list[float | Literal["auto"]] | None = None) -> dict:
     """Statistics once, then every variant (rates -> prune -> evaluate -> register) through the task runner.
 
     Returns ``{"variants": [compress-like summary per variant], "failed": [{"variant", "error"}],
@@ -209,8 +215,7 @@ def sweep(job: dict | None = None, job_file: str | None = None, overrides: dict 
     submitted = []
     for v in variants:
         t_sub = time.perf_counter()
-        rates_f = with_storage(rates_task, slug).submit(store=store, model=model, stats=stats, alloc=alloc_settings(v),
-                                                       settings=model_settings(v))
+        rates_f = with_storage(rates_task, slug).submit(store=store, model=model, stats=stats, **rates_inputs(v, calib))
         prune_f = with_storage(prune_task, slug).submit(store=store, model=model, calib=calib, stats=stats, rates=rates_f,
                                                        params=prune_params(v))
         eval_f = with_storage(evaluate_task, slug).submit(store=store, target={"kind": "pruned", "prune": prune_f, "model": model},
@@ -239,7 +244,7 @@ def sweep(job: dict | None = None, job_file: str | None = None, overrides: dict 
     sweep_key = content_key("variant", sweep=keys, failed=sorted(f["variant"] for f in failed))
     axes = {"methods": sorted({v.pruning.method for v in variants}), "allocations": sorted({v.pruning.allocation for v in variants}),
             "sparsities": sorted({v.pruning.sparsity for v in variants}),
-            "alphas": sorted({v.pruning.alpha for v in variants if v.pruning.allocation == "dlp"}),
+            "alphas": sorted({v.pruning.alpha for v in variants if v.pruning.allocation == "dlp"}, key=str),
             "model": base.model.source}
     table = format_table(rows)
     logger.info("sweep: comparison\n%s", table)

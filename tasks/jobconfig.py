@@ -92,6 +92,14 @@ class CalibrationSection(_Section):
 Alpha = Union[Annotated[float, Field(ge=0.0, le=0.5)], Literal["auto"]]
 
 
+class AlphaSearchSection(_Section):
+    """Settings of ``alpha: auto`` / ``statistic: auto`` (see :func:`dlp.autoalpha.choose_alpha`)."""
+
+    heldout: int | None = Field(None, ge=2, description="held-out calibration windows for the proxy (None: about 4096 tokens)")
+    budget: int | None = Field(None, ge=1, description="screening evaluations (None: 6 for one statistic, 8 for auto)")
+    confirm: int = Field(2, ge=1, description="SparseGPT: finalists the pruner itself scores (uniform first)")
+
+
 class PruningSection(_Section):
     method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
     allocation: Literal["dlp", "owl", "uniform"] = "dlp"
@@ -102,6 +110,8 @@ class PruningSection(_Section):
     owl_lambda: float = Field(0.08, ge=0.0, le=0.5)
     pattern: Literal["unstructured", "2:4", "4:8"] = "unstructured"
     mode: Literal["sequential", "oneshot"] = "sequential"
+    search: AlphaSearchSection = Field(default_factory=AlphaSearchSection,
+                                       description="alpha: auto / statistic: auto -- the search's settings")
 
 
 class PerplexitySection(_Section):

@@ -5,18 +5,33 @@ same inputs, same bytes). Key: the statistics key and only the allocation parame
 chosen allocation -- ``uniform``: p (and the block count); ``dlp``: p, alpha, statistic; ``owl``: p, M, lambda.
 So changing alpha recomputes the DLP rates (and, as the ratios change, everything after), never the
 statistics; changing alpha under a uniform allocation changes nothing.
+
+``alpha: auto`` / ``statistic: auto`` (DLP): the rates come from :func:`dlp.autoalpha.choose_alpha`, which
+scores candidates by the pruned model's perplexity on calibration windows held out from the statistics. The
+key then also holds what the choice depends on: the calibration windows (the held-out ones are drawn right
+after them), the pruner, pattern and the search settings. Every candidate's proxy is cached on its own in
+the store (``alpha-candidates/<context>/<candidate>.json``, context = statistics, calibration, held-out
+count, pattern, sparsity, dtype), so a search killed half-way resumes where it stopped, and another search
+over the same context (another budget, SparseGPT screened with Wanda after a Wanda search, a sweep) reuses
+every candidate it shares. The proxy curve (JSON + PNG) is stored beside ``rates.json`` and logged to MLflow
+with the variant by the register stage.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import time
-from typing import Any, Mapping
+from collections.abc import MutableMapping
+from typing import Any, Iterator, Mapping
 
 from prefect import task
 
 from tasks.caching import (
     StoreSpec,
     content_key,
+    hook,
     json_put,
     prefect_cache_key_fn,
     retry_on_storage_error,
@@ -26,12 +41,17 @@ from tasks.caching import (
 from tasks.statistics import load_statistics
 
 
+def is_auto(alloc: Mapping[str, Any]) -> bool:
+    """DLP with ``alpha: auto`` or ``statistic: auto``."""
+    return alloc["allocation"] == "dlp" and (alloc.get("alpha") == "auto" or alloc.get("statistic") == "auto")
+
+
 def allocation_params(alloc: Mapping[str, Any]) -> dict[str, Any]:
     """The allocation settings that determine the rates (see the module docstring)."""
     method = alloc["allocation"]
     out: dict[str, Any] = {"allocation": method, "sparsity": float(alloc["sparsity"])}
     if method == "dlp":
-        out["alpha"] = float(alloc["alpha"])
+        out["alpha"] = alloc["alpha"] if alloc["alpha"] == "auto" else float(alloc["alpha"])
         out["statistic"] = alloc["statistic"]
     elif method == "owl":
         out["owl_m"] = float(alloc["owl_m"])
@@ -39,59 +59,207 @@ def allocation_params(alloc: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def rates_key(stats: Mapping[str, Any], alloc: Mapping[str, Any]) -> str:
+def search_params(search: Mapping[str, Any]) -> dict[str, Any]:
+    """The search settings that determine the chosen alpha (not where the data lives)."""
+    return {k: search.get(k) for k in ("method", "pattern", "mode", "heldout", "budget", "confirm")}
+
+
+def candidates_context(stats: Mapping[str, Any], calib: Mapping[str, Any], alloc: Mapping[str, Any],
+                       search: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
+    """What a candidate's proxy depends on besides (pruner, alpha, statistic)."""
+    return content_key("alpha-candidates", statistics=stats["key"], calibration=calib["key"],
+                       heldout=search.get("heldout"), pattern=search["pattern"], sparsity=float(alloc["sparsity"]),
+                       dtype=settings.get("dtype"))
+
+
+def rates_key(stats: Mapping[str, Any], alloc: Mapping[str, Any], calib: Mapping[str, Any] | None = None,
+              search: Mapping[str, Any] | None = None) -> str:
     params = allocation_params(alloc)
     if params["allocation"] == "uniform":  # needs nothing from the statistics but the block count
         return content_key("rates", blocks=stats["manifest"]["figures"]["num_blocks"], **params)
+    if is_auto(alloc):
+        if calib is None or search is None:
+            raise ValueError("alpha/statistic 'auto' needs the calibration manifest and the search settings")
+        return content_key("rates", statistics=stats["key"], calibration=calib["key"], search=search_params(search),
+                           **params)
     return content_key("rates", statistics=stats["key"], **params)
 
 
 def _keys(p: dict[str, Any]) -> tuple[str, str]:
-    key = rates_key(p["stats"], p["alloc"])
+    key = rates_key(p["stats"], p["alloc"], p.get("calib"), p.get("search"))
     return key, f"rates/{key}/rates.json"
 
 
+class StoredCandidates(MutableMapping):
+    """The search's per-candidate cache: one small JSON object per candidate in the artifact store (written
+    atomically, so a killed search keeps every candidate it finished). +inf (a candidate the pruner
+    rejected) is stored as null."""
+
+    def __init__(self, store, prefix: str):
+        self.store, self.prefix = store, prefix.rstrip("/")
+        self.hits = 0
+
+    def _key(self, candidate: str) -> str:
+        return f"{self.prefix}/{re.sub(r'[^A-Za-z0-9._-]', '_', candidate)}.json"
+
+    def __contains__(self, candidate: object) -> bool:
+        return isinstance(candidate, str) and self.store.exists(self._key(candidate))
+
+    def __getitem__(self, candidate: str) -> float:
+        try:
+            body = json.loads(self.store.read_bytes(self._key(candidate)))
+        except (FileNotFoundError, ValueError) as e:
+            raise KeyError(candidate) from e
+        self.hits += 1
+        return math.inf if body.get("proxy") is None else float(body["proxy"])
+
+    def __setitem__(self, candidate: str, value: float) -> None:
+        proxy = float(value) if math.isfinite(value) else None
+        self.store.write_bytes(self._key(candidate), json.dumps({"candidate": candidate, "proxy": proxy}).encode())
+        hook("alpha-candidate", "computed")
+
+    def __delitem__(self, candidate: str) -> None:
+        self.store.delete_prefix(self._key(candidate))
+
+    def __iter__(self) -> Iterator[str]:
+        for k in self.store.list_keys(self.prefix + "/"):
+            yield json.loads(self.store.read_bytes(k))["candidate"]
+
+    def __len__(self) -> int:
+        return len(self.store.list_keys(self.prefix + "/"))
+
+
+def _finite(obj: Any) -> Any:
+    """JSON-safe: +-inf / NaN -> None (rates.json is strict JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def choose_rates(spec: StoreSpec, st, model: Mapping[str, Any], calib: Mapping[str, Any], stats: Mapping[str, Any],
+                 alloc: Mapping[str, Any], search: Mapping[str, Any], settings: Mapping[str, Any], folder: str,
+                 logger) -> tuple[Any, Any, dict[str, Any]]:
+    """Run the alpha search; returns (allocation, statistics, summary). The curve lands in ``folder``."""
+    import tempfile
+    from pathlib import Path
+
+    from dlp import data
+    from dlp.autoalpha import choose_alpha, default_heldout_count, heldout_windows
+    from dlp.models import ModelRef, load_model, resolve_device
+    from tasks.statistics import load_windows
+
+    params = allocation_params(alloc)
+    cf = calib["manifest"]["figures"]
+    bs = load_statistics(spec, stats)
+    net, tok, _ref = load_model(ModelRef(**model["ref"]), dtype=settings["dtype"],
+                                trust_remote_code=settings.get("trust_remote_code", False))
+    windows = load_windows(spec, calib)
+    count = search.get("heldout") or default_heldout_count(int(cf["seqlen"]))
+    held = heldout_windows(tok, data.load_text(cf["source"], search.get("data_dir")), int(cf["nsamples"]),
+                           int(cf["seqlen"]), int(cf["seed"]), count)
+    cache = StoredCandidates(st, f"alpha-candidates/{candidates_context(stats, calib, alloc, search, settings)}")
+    known = len(cache)
+    logger.info("rates: choosing DLP alpha%s for %s %s at p=%.3g (proxy: perplexity on %d held-out windows; "
+                "%d candidates already cached)", " and statistic" if params["statistic"] == "auto" else "",
+                search["method"], search["pattern"], params["sparsity"], held.shape[0], known)
+    result = choose_alpha(net, bs, windows, heldout=held, method=search["method"], pattern=search["pattern"],
+                          mode=search.get("mode", "sequential"), sparsity=params["sparsity"],
+                          statistic=params["statistic"], device=resolve_device(settings.get("device")),
+                          budget=search.get("budget"), confirm=int(search.get("confirm") or 2),
+                          alpha=None if params["alpha"] == "auto" else float(params["alpha"]),
+                          batch_size=settings.get("batch_size"), cache=cache)
+    del net
+    with tempfile.TemporaryDirectory(prefix="dlp-alpha-") as tmp:
+        json_path, png_path = result.save(Path(tmp))
+        body = _finite(json.loads(json_path.read_text()))
+        curve_put = json_put(st, f"{folder}/alpha_search.json", body)
+        plot_put = st.put_file(png_path, f"{folder}/alpha_search.png")
+    summary = {
+        "alpha": result.alpha, "statistic": result.statistic, "proxy": _finite(result.proxy),
+        "uniform_proxy": _finite(result.uniform_proxy), "cost": result.cost, "evaluations": result.cost["evaluations"],
+        "cached_candidates": cache.hits, "points": len(result.curve), "alpha_max": result.alpha_max,
+        "screen_pruner": result.settings.get("screen_pruner"), "heldout_windows": int(held.shape[0]),
+        "curve_key": f"{folder}/alpha_search.json", "plot_key": f"{folder}/alpha_search.png",
+        "curve_uri": curve_put.uri, "curve_sha256": curve_put.sha256, "plot_uri": plot_put.uri,
+        "plot_sha256": plot_put.sha256,
+    }
+    logger.info("rates: chose alpha=%.4f (%s), proxy %.3f vs uniform %s; %d evaluated, %d cached, %.1fs",
+                result.alpha, result.statistic, result.proxy,
+                "n/a" if result.uniform_proxy is None else f"{result.uniform_proxy:.3f}",
+                result.cost["evaluations"], cache.hits, result.cost["seconds"])
+    return result.allocation(), bs, summary
+
+
 def compute_rates(store: Mapping[str, Any], model: Mapping[str, Any], stats: Mapping[str, Any], alloc: Mapping[str, Any],
-                  settings: Mapping[str, Any]) -> dict[str, Any]:
+                  settings: Mapping[str, Any], calib: Mapping[str, Any] | None = None,
+                  search: Mapping[str, Any] | None = None) -> dict[str, Any]:
     from dlp.allocation import allocate
 
     spec = StoreSpec.of(store)
-    key, artifact_key = _keys({"stats": stats, "alloc": alloc})
+    auto = is_auto(alloc)
+    key, artifact_key = _keys({"stats": stats, "alloc": alloc, "calib": calib, "search": search})
     params = allocation_params(alloc)
     logger = stage_logger("rates")
 
     def compute(st):
         t0 = time.perf_counter()
-        bs = load_statistics(spec, stats)
-        if params["allocation"] == "owl" and params["owl_m"] != bs.owl_m:
-            from dlp.models import ModelRef, load_model
+        chosen = None
+        if auto:
+            result, bs, chosen = choose_rates(spec, st, model, calib, stats, alloc, search, settings,
+                                              artifact_key.rsplit("/", 1)[0], logger)
+        else:
+            bs = load_statistics(spec, stats)
+            if params["allocation"] == "owl" and params["owl_m"] != bs.owl_m:
+                from dlp.models import ModelRef, load_model
 
-            net, _tok, _ref = load_model(ModelRef(**model["ref"]), dtype=settings["dtype"],
-                                         trust_remote_code=settings.get("trust_remote_code", False))
-            bs = bs.with_owl_m(net, params["owl_m"])
-            del net
-        result = allocate(bs, params["allocation"], params["sparsity"], alpha=params.get("alpha", 0.15),
-                          statistic=params.get("statistic", "median"), owl_lambda=params.get("owl_lambda", 0.08))
-        statistic_name = {"dlp": params.get("statistic", "median"), "owl": "owl_outlier_ratio"}.get(params["allocation"], "median")
+                net, _tok, _ref = load_model(ModelRef(**model["ref"]), dtype=settings["dtype"],
+                                             trust_remote_code=settings.get("trust_remote_code", False))
+                bs = bs.with_owl_m(net, params["owl_m"])
+                del net
+            result = allocate(bs, params["allocation"], params["sparsity"], alpha=params.get("alpha", 0.15),
+                              statistic=params.get("statistic", "median"), owl_lambda=params.get("owl_lambda", 0.08))
+        stat_choice = chosen["statistic"] if chosen else params.get("statistic", "median")
+        statistic_name = {"dlp": stat_choice, "owl": "owl_outlier_ratio"}.get(params["allocation"], "median")
         body = {
-            **result.to_json(),
+            **_finite(result.to_json()),
             "ratios": [float(r) for r in result.ratios],
             "params": params,
             "statistic_name": statistic_name,
             "block_statistic": [float(v) for v in bs.statistic(statistic_name)],
         }
+        if chosen:
+            body["alpha_search"] = chosen
         put = json_put(st, artifact_key, body)
         secs = round(time.perf_counter() - t0, 3)
         logger.info("rates: %s p=%.3g -> blocks %.3f..%.3f", params["allocation"], params["sparsity"],
                     min(result.ratios), max(result.ratios))
-        return put, {"ratios": body["ratios"], "params": params, "statistic_name": statistic_name,
-                     "block_statistic": body["block_statistic"], "compute_seconds": secs}
+        figures = {"ratios": body["ratios"], "params": params, "statistic_name": statistic_name,
+                   "block_statistic": body["block_statistic"], "compute_seconds": secs}
+        if chosen:
+            figures["alpha_search"] = chosen
+        return put, figures
 
     return run_cached(spec, "rates", key, artifact_key, compute)
+
+
+def chosen_allocation(rates: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"alpha", "statistic"}`` the rates were computed with: the search's choice under ``auto``, else the
+    requested values (None for allocations without them)."""
+    fig = rates["manifest"]["figures"]
+    found = fig.get("alpha_search")
+    if found:
+        return {"alpha": found["alpha"], "statistic": found["statistic"]}
+    p = fig.get("params") or {}
+    return {"alpha": p.get("alpha"), "statistic": p.get("statistic")}
 
 
 @task(name="rates", cache_key_fn=prefect_cache_key_fn("rates", _keys), persist_result=True, result_serializer="json",
       retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_storage_error)
 def rates_task(store: dict[str, Any], model: dict[str, Any], stats: dict[str, Any], alloc: dict[str, Any],
-               settings: dict[str, Any]) -> dict[str, Any]:
-    return compute_rates(store, model, stats, alloc, settings)
+               settings: dict[str, Any], calib: dict[str, Any] | None = None,
+               search: dict[str, Any] | None = None) -> dict[str, Any]:
+    return compute_rates(store, model, stats, alloc, settings, calib, search)

@@ -24,6 +24,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.caching import StoreSpec, content_key, hook, materialize, retry_on_storage_error, stage_logger
+from tasks.rates import chosen_allocation
 
 _REGISTER_LOCK = threading.Lock()  # one registration at a time per process (SQLite registry, fluent MLflow API)
 
@@ -74,6 +75,19 @@ def variant_metrics(
     return m
 
 
+def search_metrics(found: Mapping[str, Any] | None) -> dict[str, float]:
+    """``alpha_search.*`` metrics of an ``alpha: auto`` variant (empty otherwise)."""
+    if not found:
+        return {}
+    m = {"alpha_search.alpha": float(found["alpha"]), "alpha_search.evaluations": float(found["evaluations"]),
+         "alpha_search.cached_candidates": float(found.get("cached_candidates") or 0),
+         "alpha_search.seconds": float(found["cost"]["seconds"])}
+    for name in ("proxy", "uniform_proxy"):
+        if found.get(name) is not None:
+            m[f"alpha_search.{name}"] = float(found[name])
+    return m
+
+
 def register_variant(
     store: Mapping[str, Any],
     job: Mapping[str, Any],
@@ -114,15 +128,19 @@ def register_variant(
         rf = rates["manifest"]["figures"]
         pf = prune["manifest"]["figures"]
         p = cfg.pruning
+        chosen = chosen_allocation(rates)
+        found = rf.get("alpha_search")
         lineage = {
             "base_model": model["ref"]["source"],
             "base_revision": model["ref"].get("revision"),
             "base_hash": model["ref"]["fingerprint"],
             "method": p.method,
             "allocation": p.allocation,
-            "statistic": p.statistic if p.allocation == "dlp" else None,
+            "statistic": chosen["statistic"] if p.allocation == "dlp" else None,
             "sparsity": p.sparsity,
-            "alpha": p.alpha if p.allocation == "dlp" else None,
+            "alpha": chosen["alpha"] if p.allocation == "dlp" else None,
+            "alpha_requested": p.alpha if p.allocation == "dlp" and found else None,
+            "statistic_requested": p.statistic if p.allocation == "dlp" and found else None,
             "pattern": p.pattern,
             "calibration_fingerprint": calib["manifest"]["figures"]["fingerprint"],
             "artifact_uri": prune["manifest"]["uri"],
@@ -135,6 +153,12 @@ def register_variant(
                 manifests["baseline"] = {k: v["manifest"] for k, v in baseline.get("parts", {}).items()}
             (Path(tmp) / "manifests.json").write_text(json.dumps(manifests, indent=1, sort_keys=True))
             extra = {"config": Path(tmp) / "job.yaml", "pipeline": Path(tmp) / "manifests.json"}
+            if found:  # the alpha search's proxy curve (JSON + PNG) beside the variant
+                st, folder = spec.open(), Path(tmp) / "alpha_search"
+                folder.mkdir()
+                for part in ("curve_key", "plot_key"):
+                    st.get_file(found[part], folder / Path(found[part]).name)
+                extra["alpha_search"] = folder
             if evaluation.get("zero_shot"):
                 (Path(tmp) / "zero_shot.json").write_text(json.dumps(
                     {"pruned": evaluation["zero_shot"], "dense": (baseline or {}).get("zero_shot")}, indent=1))
@@ -144,7 +168,7 @@ def register_variant(
                 variant_key=vkey,
                 checkpoint_dir=ckpt,
                 params=cfg.model_dump(mode="json"),
-                metrics=variant_metrics(stats, prune, evaluation, baseline, stage_seconds),
+                metrics={**variant_metrics(stats, prune, evaluation, baseline, stage_seconds), **search_metrics(found)},
                 block_sparsity=pf["achieved_per_block"],
                 block_target=rf["ratios"],
                 block_statistic=rf.get("block_statistic"),
