@@ -71,15 +71,38 @@ def bundled_gguf(name: str) -> Path:
     return path
 
 
+def _gguf_digest(gguf: Path, root: Path) -> str:
+    """sha256 of a GGUF file, remembered per (path, size, mtime) in the cache folder: a converted model is
+    found again without reading the file (a changed file has another size or mtime and is hashed again)."""
+    st = gguf.stat()
+    tag = hashlib.sha256(f"{gguf.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    memo = root / ".digests" / f"{tag}.sha256"
+    try:
+        digest = memo.read_text().strip()
+        if len(digest) == 64:
+            return digest
+    except OSError:
+        pass
+    digest = _sha256_file(gguf)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(digest)
+        os.replace(tmp, memo)
+    except OSError:  # a read-only cache still works, it just hashes every time
+        pass
+    return digest
+
+
 def convert_gguf(gguf: Path, out_root: Path | None = None) -> Path:
     """Dequantize a GGUF file once into a safetensors folder (model + tokenizer); reuse it afterwards."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    digest = _sha256_file(gguf)
     root = out_root or settings.cache_dir() / "models"
+    digest = _gguf_digest(gguf, root)
     final = root / f"{gguf.stem}-{digest[:12]}"
     if (final / "dlp-source.json").exists():
         return final
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
     try:

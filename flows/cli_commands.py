@@ -20,11 +20,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
+
+from flows.prefect_server import start_if_needed
 
 __all__ = ["format_summary", "register"]
 
@@ -74,35 +75,18 @@ def _prefect_env(cfg) -> None:
         os.environ["PREFECT_HOME"] = str(home)
 
 
-def _warm_prefect() -> threading.Thread | None:
-    """Start Prefect's temporary local server in the background (it takes seconds) while the pipeline
-    modules import; the flow call joins it first. Only in a fresh process without a configured API."""
-    if "prefect" in sys.modules or os.environ.get("PREFECT_API_URL"):
-        return None
-
-    def start() -> None:
-        try:
-            from prefect.settings import PREFECT_API_URL
-
-            if PREFECT_API_URL.value():
-                return
-            from prefect.server.api.server import SubprocessASGIServer
-
-            SubprocessASGIServer().start()
-        except Exception:  # noqa: BLE001 -- the flow starts it itself then
-            pass
-
-    t = threading.Thread(target=start, name="prefect-warmup", daemon=True)
-    t.start()
-    return t
-
-
 def _preimport() -> None:
-    """Import what every run needs (torch via dlp.models for the fetch stage, MLflow for register) while the
-    Prefect server starts in its own process: seconds off a fully cached re-run."""
+    """Import what every run needs while the Prefect server boots in its own process (seconds off a fully
+    cached re-run): torch via dlp.models (fetch), MLflow's client and SQL store (register), and Prefect's
+    collections (loaded on the first result-storage block)."""
     try:
         import dlp.models  # noqa: F401
         import mlflow  # noqa: F401
+        import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+        from prefect.plugins import load_prefect_collections
+
+        load_prefect_collections()
     except Exception:  # noqa: BLE001 -- the stages import them again and report errors there
         pass
 
@@ -249,13 +233,13 @@ def register(app: typer.Typer) -> None:
                                          "pruning.method": method, "pruning.allocation": allocation,
                                          "workdir": workdir, "storage.uri": storage})
             _prefect_env(cfg)
+            server = start_if_needed()  # boots on the other core while the checks and imports run
             _preflight(cfg)
-            warm = _warm_prefect()
             from flows.compress import compress as compress_flow
 
-            if warm is not None:
+            if server is not None:
                 _preimport()
-                warm.join()
+                server.wait()
             summary = compress_flow(job=cfg.model_dump(mode="json"))
             if as_json:
                 typer.echo(json.dumps(summary, default=str))
@@ -284,22 +268,22 @@ def register(app: typer.Typer) -> None:
             cfg = _load(config, sets, **{"model.source": model, "workdir": workdir, "storage.uri": storage})
             axes = dict(methods=_split(methods), allocations=_split(allocations), sparsities=_split(sparsities, float),
                         alphas=_split(alphas, _alpha))
+            if workers < 1:
+                _die("--workers must be at least 1")
+            _prefect_env(cfg)  # before anything imports prefect
+            server = start_if_needed()
             from flows.sweep import expand_variants
 
             expand_variants(cfg, **axes)  # validate every variant before anything runs
-            if workers < 1:
-                _die("--workers must be at least 1")
-            _prefect_env(cfg)
             _preflight(cfg)
-            warm = _warm_prefect()
             from prefect.task_runners import ThreadPoolTaskRunner
 
             from flows.sweep import dask_runner, sweep as sweep_flow
 
             runner = dask_runner(workers=1, threads=workers) if dask else ThreadPoolTaskRunner(max_workers=workers)
-            if warm is not None:
+            if server is not None:
                 _preimport()
-                warm.join()
+                server.wait()
             result = sweep_flow.with_options(task_runner=runner)(job=cfg.model_dump(mode="json"), **axes)
             if as_json:
                 typer.echo(json.dumps(result, default=str))

@@ -74,7 +74,8 @@ def test_unreachable_mlflow_server_fails_fast_with_one_line(cli, tmp_path, monke
     "args, needle",
     [
         (["compress", "--set", "pruning.alhpa=0.2"], "did you mean 'alpha'"),
-        (["compress", "--set", "pruning.alpha=auto"], "not supported"),
+        (["compress", "--alpha", "big"], "or auto"),
+        (["compress", "--set", "pruning.search.budget=0"], "pruning.search.budget"),
         (["compress", "--set", "nonsense"], "KEY=VALUE"),
         (["compress", "--config", "/no/such/job.yaml"], "not found"),
         (["sweep", "--sparsities", "0.5,high"], "comma-separated"),
