@@ -98,13 +98,16 @@ class TemporaryPrefectServer:
         raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:.0f}s; raise "
                            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS or set PREFECT_API_URL")
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 0.0) -> None:
+        """SIGTERM (uvicorn shuts down gracefully on its own); ``wait`` > 0 waits that long, then kills. At
+        exit the parent does not wait: the command's result is already printed."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+            if wait > 0:
+                try:
+                    self.proc.wait(timeout=wait)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
         self.proc = None
         if getattr(self, "_log", None) is not None:
             self._log.close()
