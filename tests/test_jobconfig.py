@@ -99,7 +99,7 @@ def test_unknown_key_names_key_and_valid_keys(tmp_path):
     msg = _err(p)
     assert msg.startswith(f"job file {p}: unknown key 'pruning.alhpa'")
     assert "did you mean 'alpha'" in msg
-    assert "(valid: allocation, alpha, method, mode, owl_lambda, owl_m, pattern, sparsity, statistic)" in msg
+    assert "(valid: allocation, alpha, method, mode, owl_lambda, owl_m, pattern, search, sparsity, statistic)" in msg
 
 
 def test_unknown_section(tmp_path):
