@@ -435,3 +435,14 @@ def _pick(points: dict[tuple[float, str], float], rtol: float, stat_names: list[
     ymin = min(finite) if finite else math.inf
     close = [k for k, y in points.items() if y <= ymin + rtol * abs(ymin)] if finite else list(points)
     return min(close, key=lambda k: (k[0], stat_names.index(k[1])))
+
+
+def choose_alpha_from_text(model: nn.Module, tokenizer, stats: BlockStatistics, windows: torch.Tensor | None,
+                           text, *, nsamples: int, seqlen: int, seed: int, heldout: int | None = None,
+                           **kwargs) -> AlphaSearch:
+    """:func:`choose_alpha` with its held-out windows drawn from the calibration text ``text`` right after the
+    ``nsamples`` calibration windows (:func:`heldout_windows`; ``heldout`` windows, default
+    :func:`default_heldout_count`). ``kwargs`` go to :func:`choose_alpha`."""
+    count = heldout if heldout is not None else default_heldout_count(seqlen)
+    held = heldout_windows(tokenizer, text, nsamples, seqlen, seed, count)
+    return choose_alpha(model, stats, windows, heldout=held, **kwargs)

@@ -87,16 +87,16 @@ def _allocation(net, stats, allocation, sparsity, alpha, statistic, owl_m, owl_l
         stats = stats.with_owl_m(net, owl_m)
     if allocation == "dlp" and (alpha == "auto" or statistic == "auto"):
         from . import data
-        from .autoalpha import choose_alpha, default_heldout_count, heldout_windows
+        from .autoalpha import choose_alpha_from_text
 
         if auto is None:
             raise DLPError("--alpha auto / --statistic auto are available in `dlp ratios` and `dlp prune`")
         a = auto
-        count = a["heldout"] if a["heldout"] is not None else default_heldout_count(a["seqlen"])
-        held = heldout_windows(a["tok"], data.load_text(a["calibration"]), a["nsamples"], a["seqlen"], a["seed"], count)
-        search = choose_alpha(net, stats, a["windows"], heldout=held, method=a["method"], pattern=a["pattern"],
-                              mode=a["mode"], sparsity=sparsity, statistic=statistic, device=a["device"],
-                              batch_size=a["batch_size"], alpha=None if alpha == "auto" else alpha)
+        search = choose_alpha_from_text(net, a["tok"], stats, a["windows"], data.load_text(a["calibration"]),
+                                        nsamples=a["nsamples"], seqlen=a["seqlen"], seed=a["seed"], heldout=a["heldout"],
+                                        method=a["method"], pattern=a["pattern"], mode=a["mode"], sparsity=sparsity,
+                                        statistic=statistic, device=a["device"], batch_size=a["batch_size"],
+                                        alpha=None if alpha == "auto" else alpha)
         json_path, png_path = search.save(a["report"])
         result = search.allocation()
         result.params["alpha_search"] = {"alpha": search.alpha, "statistic": search.statistic, "proxy": search.proxy,

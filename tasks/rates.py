@@ -148,7 +148,7 @@ def choose_rates(spec: StoreSpec, st, model: Mapping[str, Any], calib: Mapping[s
     from pathlib import Path
 
     from dlp import data
-    from dlp.autoalpha import choose_alpha, default_heldout_count, heldout_windows
+    from dlp.autoalpha import choose_alpha_from_text
     from dlp.models import ModelRef, load_model, resolve_device
     from tasks.statistics import load_windows
 
@@ -158,20 +158,18 @@ def choose_rates(spec: StoreSpec, st, model: Mapping[str, Any], calib: Mapping[s
     net, tok, _ref = load_model(ModelRef(**model["ref"]), dtype=settings["dtype"],
                                 trust_remote_code=settings.get("trust_remote_code", False))
     windows = load_windows(spec, calib)
-    count = search.get("heldout") or default_heldout_count(int(cf["seqlen"]))
-    held = heldout_windows(tok, data.load_text(cf["source"], search.get("data_dir")), int(cf["nsamples"]),
-                           int(cf["seqlen"]), int(cf["seed"]), count)
     cache = StoredCandidates(st, f"alpha-candidates/{candidates_context(stats, calib, alloc, search, settings)}")
-    known = len(cache)
-    logger.info("rates: choosing DLP alpha%s for %s %s at p=%.3g (proxy: perplexity on %d held-out windows; "
-                "%d candidates already cached)", " and statistic" if params["statistic"] == "auto" else "",
-                search["method"], search["pattern"], params["sparsity"], held.shape[0], known)
-    result = choose_alpha(net, bs, windows, heldout=held, method=search["method"], pattern=search["pattern"],
-                          mode=search.get("mode", "sequential"), sparsity=params["sparsity"],
-                          statistic=params["statistic"], device=resolve_device(settings.get("device")),
-                          budget=search.get("budget"), confirm=int(search.get("confirm") or 2),
-                          alpha=None if params["alpha"] == "auto" else float(params["alpha"]),
-                          batch_size=settings.get("batch_size"), cache=cache)
+    logger.info("rates: choosing DLP alpha%s for %s %s at p=%.3g (proxy: perplexity on held-out calibration "
+                "windows; %d candidates already cached)", " and statistic" if params["statistic"] == "auto" else "",
+                search["method"], search["pattern"], params["sparsity"], len(cache))
+    result = choose_alpha_from_text(net, tok, bs, windows, data.load_text(cf["source"], search.get("data_dir")),
+                                    nsamples=int(cf["nsamples"]), seqlen=int(cf["seqlen"]), seed=int(cf["seed"]),
+                                    heldout=search.get("heldout"), method=search["method"], pattern=search["pattern"],
+                                    mode=search.get("mode", "sequential"), sparsity=params["sparsity"],
+                                    statistic=params["statistic"], device=resolve_device(settings.get("device")),
+                                    budget=search.get("budget"), confirm=int(search.get("confirm") or 2),
+                                    alpha=None if params["alpha"] == "auto" else float(params["alpha"]),
+                                    batch_size=settings.get("batch_size"), cache=cache)
     del net
     with tempfile.TemporaryDirectory(prefix="dlp-alpha-") as tmp:
         json_path, png_path = result.save(Path(tmp))
@@ -182,7 +180,8 @@ def choose_rates(spec: StoreSpec, st, model: Mapping[str, Any], calib: Mapping[s
         "alpha": result.alpha, "statistic": result.statistic, "proxy": _finite(result.proxy),
         "uniform_proxy": _finite(result.uniform_proxy), "cost": result.cost, "evaluations": result.cost["evaluations"],
         "cached_candidates": cache.hits, "points": len(result.curve), "alpha_max": result.alpha_max,
-        "screen_pruner": result.settings.get("screen_pruner"), "heldout_windows": int(held.shape[0]),
+        "screen_pruner": result.settings.get("screen_pruner"),
+        "heldout_windows": result.settings["heldout"]["windows"],
         "curve_key": f"{folder}/alpha_search.json", "plot_key": f"{folder}/alpha_search.png",
         "curve_uri": curve_put.uri, "curve_sha256": curve_put.sha256, "plot_uri": plot_put.uri,
         "plot_sha256": plot_put.sha256,

@@ -14,6 +14,17 @@ pytest_plugins = ["tests.conftest_pipeline"]
 
 BASE_SPARSITY = 0.5
 
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The compress flow in a child process (``python -c SCRIPT.format(root=ROOT) job.json summary.json``).
+SCRIPT = """
+import json, sys
+sys.path.insert(0, {root!r})
+from flows.compress import compress
+summary = compress(job=json.loads(open(sys.argv[1]).read()))
+open(sys.argv[2], "w").write(json.dumps(summary))
+"""
+
 
 # ============================================================================================ helpers
 def make_tiny_model(folder: Path, layers: int = 4) -> Path:

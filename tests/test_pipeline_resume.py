@@ -10,23 +10,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.test_pipeline_flow import Runner, computed, tiny_job, tiny_model  # noqa: F401 (fixture)
+from tests.test_pipeline_flow import ROOT, SCRIPT, Runner, computed, tiny_job, tiny_model  # noqa: F401 (fixture)
 
 pytest_plugins = ["tests.conftest_pipeline"]
 
-ROOT = Path(__file__).resolve().parents[1]
-
-SCRIPT = """
-import json, sys
-sys.path.insert(0, {root!r})
-from flows.compress import compress
-summary = compress(job=json.loads(open(sys.argv[1]).read()))
-open(sys.argv[2], "w").write(json.dumps(summary))
-"""
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:

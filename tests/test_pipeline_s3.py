@@ -8,21 +8,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-from tests.test_pipeline_flow import Runner, computed, tiny_job, tiny_model  # noqa: F401 (fixture)
+from tests.test_pipeline_flow import ROOT, SCRIPT, Runner, computed, tiny_job, tiny_model  # noqa: F401 (fixture)
 
 pytest_plugins = ["tests.conftest_pipeline"]
 
-ROOT = Path(__file__).resolve().parents[1]
-
-SCRIPT = """
-import json, sys
-sys.path.insert(0, {root!r})
-from flows.compress import compress
-summary = compress(job=json.loads(open(sys.argv[1]).read()))
-open(sys.argv[2], "w").write(json.dumps(summary))
-"""
 
 
 def test_s3_store_and_a_second_machine_reuses_the_bucket(tiny_model, tmp_path, s3_bucket, prefect_harness, monkeypatch):
