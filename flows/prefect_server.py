@@ -55,7 +55,7 @@ class TemporaryPrefectServer:
         self.port = port or _free_port()
         self.proc: subprocess.Popen | None = None
         self._log = None
-        self.log_path = Path(tempfile.gettempdir()) / f"temporary-server-{self.port}.log"
+        self.log_path: Path | None = None  # set by start(), in PREFECT_HOME
 
     @property
     def api_url(self) -> str:
@@ -109,7 +109,7 @@ class TemporaryPrefectServer:
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
         self.proc = None
-        if getattr(self, "_log", None) is not None:
+        if self._log is not None:
             self._log.close()
             self._log = None
             if self.log_path.exists() and self.log_path.stat().st_size == 0:
