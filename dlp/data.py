@@ -146,14 +146,19 @@ def load_text(source: str, data_dir: Path | str | None = None) -> TextSource:
 def calibration_windows(tokenizer, source: TextSource, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """Draw ``nsamples`` windows of ``seqlen`` tokens, as the released Wanda/OWL/DLP code does.
 
-    Documents: ``random.seed(seed)``; repeat: draw a random document until it has more than ``seqlen``
-    tokens, then a random window. Rows: join with a space, tokenize once, draw random windows.
+    Documents: a Mersenne Twister seeded with ``seed``; repeat: draw a random document until it has more
+    than ``seqlen`` tokens, then a random window. Rows: join with a space, tokenize once, draw random windows.
+
+    The draws come from a private ``random.Random(seed)``: the same sequence the released code gets from
+    ``random.seed(seed)``, but another thread using the module-level generator while this one tokenizes
+    (Prefect's, MLflow's and moto's background workers do) can no longer change the windows, and the
+    caller's own ``random`` state is left alone.
     """
     if nsamples <= 0:
         raise DLPError(f"nsamples must be a positive integer, got {nsamples}")
     if seqlen <= 1:
         raise DLPError(f"seqlen must be an integer above 1, got {seqlen}")
-    random.seed(seed)
+    rng = random.Random(seed)
     windows = []
     if source.kind == "documents":
         too_short = DLPError(
@@ -164,7 +169,7 @@ def calibration_windows(tokenizer, source: TextSource, nsamples: int, seqlen: in
         cache: dict[int, torch.Tensor] = {}
         for _ in range(nsamples):
             for _attempt in range(100_000):
-                i = random.randint(0, len(source.items) - 1)
+                i = rng.randint(0, len(source.items) - 1)
                 if i not in cache:
                     cache[i] = tokenizer(source.items[i], return_tensors="pt").input_ids
                 ids = cache[i]
@@ -172,7 +177,7 @@ def calibration_windows(tokenizer, source: TextSource, nsamples: int, seqlen: in
                     break
             else:
                 raise too_short
-            j = random.randint(0, ids.shape[1] - seqlen - 1)
+            j = rng.randint(0, ids.shape[1] - seqlen - 1)
             windows.append(ids[:, j : j + seqlen])
     else:
         ids = tokenizer(source.stream(" "), return_tensors="pt").input_ids
@@ -181,7 +186,7 @@ def calibration_windows(tokenizer, source: TextSource, nsamples: int, seqlen: in
                 f"'{source.name}' has {ids.shape[1]} tokens, too short for seqlen={seqlen}; lower --seqlen or use more text"
             )
         for _ in range(nsamples):
-            j = random.randint(0, ids.shape[1] - seqlen - 1)
+            j = rng.randint(0, ids.shape[1] - seqlen - 1)
             windows.append(ids[:, j : j + seqlen])
     return torch.cat(windows, dim=0).contiguous()
 
