@@ -151,7 +151,7 @@ def calibration_windows(tokenizer, source: TextSource, nsamples: int, seqlen: in
 
     The draws come from a private ``random.Random(seed)``: the same sequence the released code gets from
     ``random.seed(seed)``, but another thread using the module-level generator while this one tokenizes
-    (Prefect's, MLflow's and moto's background workers do) can no longer change the windows, and the
+    (Prefect's events client does, on its event-loop thread) can no longer change the windows, and the
     caller's own ``random`` state is left alone.
     """
     if nsamples <= 0:

@@ -1,8 +1,8 @@
 """Calibration sampling is a pure function of (text, tokenizer, nsamples, seqlen, seed).
 
 It once reseeded Python's module-level ``random`` and drew from it while tokenizing documents one by one, so
-any other thread drawing from that generator in between (Prefect's, MLflow's and moto's background workers
-all do) changed the windows: a pipeline run resumed in the full test suite then chose another alpha than a
+any other thread drawing from that generator in between (Prefect's events client does, on its event-loop
+thread) changed the windows: a pipeline run resumed in the full test suite then chose another alpha than a
 fresh run. These tests stand in for that thread with a tokenizer that draws from ``random`` on every call."""
 
 from __future__ import annotations
