@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = "from dlp.cli import app, main; from flows.cli_commands import register; register(app); main()"
+CLI = "from cli import main; main()"
 TARGET_FIRST_S = 600.0
 TARGET_CACHED_S = 15.0
 

@@ -4,7 +4,7 @@
 
 Every stage is a thin Prefect task over ``dlp/`` (see ``tasks/``); they pass small manifests (URI, sha256,
 key figures), never models or tensors. Big things live in the artifact store (``<workdir>/artifacts`` or
-``s3://bucket/prefix``); the stage's content key decides whether it runs (see :mod:`tasks.caching`). Run the
+``s3://bucket/prefix``); the stage's content key decides whether it runs (see :mod:`pipeline.cache`). Run the
 same job again and only what did not finish runs; change alpha and only rates -> prune -> evaluate ->
 register run; change the calibration and statistics and everything after run.
 
@@ -24,8 +24,8 @@ from typing import Any, Mapping
 
 from prefect import flow
 
-from flows import resolve_job
-from tasks.caching import PREFECT_RESULTS_PREFIX, StoreSpec, stage_logger
+from pipeline.jobconfig import resolve_job
+from pipeline.cache import PREFECT_RESULTS_PREFIX, StoreSpec, stage_logger
 from tasks.evaluate import baseline_task, evaluate_task, evaluation_spec
 from tasks.fetch import fetch_task
 from tasks.prune import prune_task
@@ -42,7 +42,7 @@ __all__ = ["STAGES", "compress", "search_settings", "resolve_job", "store_spec",
 
 # ============================================================================================ job / store
 def store_spec(cfg) -> StoreSpec:
-    from tasks.storage import resolve_s3_endpoint
+    from pipeline.store import resolve_s3_endpoint
 
     uri = cfg.storage_uri
     endpoint = resolve_s3_endpoint(cfg.storage.endpoint_url) if uri.startswith("s3://") else None
@@ -201,7 +201,7 @@ def summarize(cfg, model: Mapping[str, Any], stats: Mapping[str, Any], rates: Ma
 def prepare(cfg, stages: dict[str, Any]):
     """Preflight, store, result storage, and the shared front of the pipeline (fetch, calibration,
     statistics, dense baseline). Returns (spec, slug, model, calib, stats, eval_spec, baseline)."""
-    from tasks.preflight import run_preflight
+    from pipeline.preflight import run_preflight
 
     logger = stage_logger("compress")
     for line in run_preflight(cfg):

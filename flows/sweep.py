@@ -25,9 +25,9 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import resolve_job
+from pipeline.jobconfig import resolve_job
 from flows.compress import prepare, prune_params, rates_inputs, stage_record, summarize, with_storage
-from tasks.caching import content_key, stage_logger
+from pipeline.cache import content_key, stage_logger
 from tasks.evaluate import evaluate_task
 from tasks.prune import prune_task
 from tasks.rates import rates_task
@@ -45,7 +45,7 @@ def expand_variants(base, methods: Sequence[str] | None = None, allocations: Seq
                     sparsities: Sequence[float] | None = None, alphas: Sequence[float | str] | None = None) -> list:
     """Job configs of every (method, allocation, sparsity, alpha) combination; alpha only varies the DLP
     allocation (duplicates dropped). Invalid values raise JobError (validated on assignment)."""
-    from tasks.jobconfig import JobError
+    from pipeline.jobconfig import JobError
 
     methods = list(methods or [base.pruning.method])
     allocations = list(allocations or [base.pruning.allocation])
@@ -158,8 +158,8 @@ def log_sweep_task(job: dict[str, Any], rows: list[dict[str, Any]], sweep_key: s
     """One MLflow run for the sweep: comparison table (md, csv, json) + plot; reused when it exists."""
     import mlflow
 
-    from tasks import registry
-    from tasks.jobconfig import JobConfig
+    from pipeline import registry
+    from pipeline.jobconfig import JobConfig
 
     cfg = JobConfig.model_validate(job)
     client = registry.get_client(cfg.registry.tracking_uri, cfg.workdir_path)

@@ -3,7 +3,7 @@
 For every entry of the watch config (``configs/watch.yaml``; schema in :class:`WatchEntry`):
 
 1. ask the release source for the latest revision (hub: the branch's current commit sha; local folder: the
-   newest snapshot sub-folder -- see :mod:`tasks.releases`);
+   newest snapshot sub-folder -- see :mod:`pipeline.releases`);
 2. look in the MLflow registry for a version of the entry's registered model tagged with that revision
    (``dlp.base_revision``, written by the compress flow, or ``dlp.release_revision``, written here);
    found -> ``up-to-date``;
@@ -33,9 +33,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tasks import registry as reg
-from tasks.jobconfig import DEMO_JOB, JobError, derive_model_name, load_job, read_yaml
-from tasks.releases import Release, ReleaseError, make_source
+from pipeline import registry as reg
+from pipeline.jobconfig import DEMO_JOB, JobError, derive_model_name, load_job, read_yaml
+from pipeline.releases import Release, ReleaseError, make_source
 
 __all__ = [
     "GLOBAL_LIMIT",
@@ -251,14 +251,14 @@ def after_compress(entry: WatchEntry, outcome: dict[str, Any], tracking_uri: str
     logger = get_run_logger()
     extra: dict[str, Any] = {}
     if entry.promote_gate:
-        from tasks.promotion import auto_promote
+        from pipeline.promotion import auto_promote
 
         res = auto_promote(outcome["registered_name"], entry.promote_gate, by="watch-releases",
                            tracking_uri=tracking_uri, workdir=workdir)
         extra["champion"] = res.version if res else None
         logger.info("%s: gate %s -> champion %s", entry.name, entry.promote_gate, extra["champion"])
     if entry.report:
-        from tasks.report import build_report
+        from pipeline.report import build_report
 
         rep = build_report(outcome["registered_name"], tracking_uri=tracking_uri, workdir=workdir)
         extra["report"] = rep["path"]

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 from prefect import task
 
-from tasks.caching import (
+from pipeline.cache import (
     StoreSpec,
     content_key,
     file_set_fingerprint,
@@ -39,7 +39,7 @@ from tasks.caching import (
 
 # ============================================================================================ settings
 def evaluation_spec(job: Any) -> dict[str, Any]:
-    """The evaluation settings of a :class:`tasks.jobconfig.JobConfig`, with the content hashes of the
+    """The evaluation settings of a :class:`pipeline.jobconfig.JobConfig`, with the content hashes of the
     evaluation data filled in (cheap: reads and hashes the text / evaluation files, no tokenizing)."""
     from dlp import data
 

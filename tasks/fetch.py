@@ -24,7 +24,7 @@ from typing import Any, Mapping
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.caching import StoreSpec, json_put, retry_on_storage_error, run_cached, stage_logger, tokenizer_fingerprint
+from pipeline.cache import StoreSpec, json_put, retry_on_storage_error, run_cached, stage_logger, tokenizer_fingerprint
 
 STAGE = "fetch"
 

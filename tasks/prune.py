@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from prefect import task
 
-from tasks.caching import (
+from pipeline.cache import (
     StoreSpec,
     block_progress,
     content_key,

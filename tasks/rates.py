@@ -28,7 +28,7 @@ from typing import Any, Iterator, Mapping
 
 from prefect import task
 
-from tasks.caching import (
+from pipeline.cache import (
     StoreSpec,
     content_key,
     hook,

@@ -1,6 +1,6 @@
 """Stage 6 -- register the variant in MLflow 3 (one run per variant, a new model version, alias, lineage).
 
-Thin over :func:`tasks.registry.log_variant_run`, which is idempotent on the **variant key** (the prune key +
+Thin over :func:`pipeline.registry.log_variant_run`, which is idempotent on the **variant key** (the prune key +
 the evaluation key): registering the same variant again creates nothing. So this task is never cached by
 Prefect -- the registry itself is the record, and a fresh registry (another machine, a wiped workdir) gets
 its version. The checkpoint is read from the store (downloaded only when a new version must be logged).
@@ -23,7 +23,7 @@ from typing import Any, Mapping
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.caching import StoreSpec, content_key, hook, materialize, retry_on_storage_error, stage_logger
+from pipeline.cache import StoreSpec, content_key, hook, materialize, retry_on_storage_error, stage_logger
 from tasks.rates import chosen_allocation
 
 _REGISTER_LOCK = threading.Lock()  # one registration at a time per process (SQLite registry, fluent MLflow API)
@@ -101,8 +101,8 @@ def register_variant(
     stage_seconds: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Log + register the variant (idempotent); returns ``{"stage", "key", "computed", "registered"}``."""
-    from tasks import registry
-    from tasks.jobconfig import JobConfig
+    from pipeline import registry
+    from pipeline.jobconfig import JobConfig
 
     spec = StoreSpec.of(store)
     cfg = JobConfig.model_validate(dict(job))

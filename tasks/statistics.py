@@ -21,7 +21,7 @@ from typing import Any, Mapping
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.caching import (
+from pipeline.cache import (
     StoreSpec,
     block_progress,
     content_key,

@@ -180,7 +180,7 @@ def test_heldout_windows_follow_the_calibration_draws(smollm):
 
 # ------------------------------------------------------------------ CLI
 def test_cli_prune_alpha_auto_writes_curve_next_to_out(tmp_path, capsys):
-    from dlp.cli import main
+    from cli import main
 
     import transformers as tf
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from dlp.cli import main
+from cli import main
 from dlp.models import resolve_model
 
 from .conftest import DATA_DIR, ROOT
@@ -122,7 +122,7 @@ def test_bad_data_and_architecture(capsys, tiny_folder, tmp_path):
 def test_installed_entry_point_exit_code():
     """The real ``dlp`` executable: a bad flag value exits 2 with one line and no traceback."""
     exe = ROOT / ".venv" / "bin" / "dlp"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "dlp.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cli"]
     proc = subprocess.run(cmd + ["ratios", "--sparsity", "1.5"], capture_output=True, text=True, timeout=120,
                           env={"DLP_DATA_DIR": str(DATA_DIR), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2

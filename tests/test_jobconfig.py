@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.jobconfig import (
+from pipeline.jobconfig import (
     DEMO_JOB,
     PAPER_JOBS,
     ZERO_SHOT_7,
@@ -19,7 +19,7 @@ from tasks.jobconfig import (
     load_job,
     parse_overrides,
 )
-from tasks.preflight import PreflightError, check_workdir, run_preflight
+from pipeline.preflight import PreflightError, check_workdir, run_preflight
 
 def _write(tmp_path: Path, text: str, name: str = "job.yaml") -> Path:
     p = tmp_path / name

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tasks import promotion as P
-from tasks import registry as reg
+from pipeline import promotion as P
+from pipeline import registry as reg
 
 NAME = "tiny-llama-dlp"
 DENSE_PPL = 20.0
@@ -91,8 +91,8 @@ def registry(registry_template, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def cli():
-    from dlp.cli import app
-    from flows.ops_commands import register
+    from cli import app
+    from cli.ops_commands import register
 
     names = {c.name for c in app.registered_commands}
     if "promote" not in names:
@@ -258,7 +258,7 @@ def test_report_html_self_contained_and_logged(registry, cli, tmp_path):
 
 
 def test_svg_chart_edge_cases():
-    from tasks.report import render_html, svg_line_chart
+    from pipeline.report import render_html, svg_line_chart
 
     empty = svg_line_chart([], title="t", xlabel="x", ylabel="y")
     assert "no data" in empty and empty.endswith("</svg>")

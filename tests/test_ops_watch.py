@@ -20,9 +20,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tasks import registry as reg
-from tasks.jobconfig import JobError, load_job
-from tasks.releases import HubSource, LocalFolderSource, ReleaseError, make_source
+from pipeline import registry as reg
+from pipeline.jobconfig import JobError, load_job
+from pipeline.releases import HubSource, LocalFolderSource, ReleaseError, make_source
 
 
 # ============================================================================================ helpers
@@ -303,9 +303,9 @@ def test_two_concurrent_watch_runs_compress_once(prefect_harness, watch_env, mon
 
 
 def test_watch_errors_are_isolated_and_cli(prefect_harness, watch_env, monkeypatch):
-    from dlp.cli import app
+    from cli import app
     from flows import watch
-    from flows.ops_commands import register
+    from cli.ops_commands import register
 
     if "watch" not in {c.name for c in app.registered_commands}:
         register(app)
@@ -353,7 +353,7 @@ def test_watch_with_real_compress(prefect_harness, watch_env):
     mv = client.get_model_version("tiny-llama-dlp", "1")
     assert mv.tags["dlp.base_revision"] == "2025-06-01-r1" and mv.tags["dlp.release_revision"] == "2025-06-01-r1"
     assert mv.tags["dlp.method"] == "wanda" and mv.tags["dlp.allocation"] == "dlp"
-    from tasks.promotion import load_variants
+    from pipeline.promotion import load_variants
 
     v = load_variants("tiny-llama-dlp")[0]
     assert v.ppl and v.dense_ppl and v.ppl_ratio == pytest.approx(v.ppl / v.dense_ppl) and len(v.per_block) == 2

@@ -62,7 +62,7 @@ def test_auto_run_chooses_alpha_from_the_statistics_and_reports_it(auto_run):
 
 
 def test_auto_variant_in_the_registry_has_the_chosen_alpha_and_the_curve(auto_run):
-    from tasks.registry import get_client
+    from pipeline.registry import get_client
 
     runner, s, _, _ = auto_run
     client = get_client(None, runner.workdir)
@@ -93,7 +93,7 @@ def test_another_budget_reuses_every_scored_candidate(auto_run, env):
 
 
 def test_search_killed_half_way_resumes_with_the_same_choice(auto_run, tiny_model, tmp_path, env):
-    from tasks.caching import InjectedFailure
+    from pipeline.cache import InjectedFailure
 
     runner, _, _, _ = auto_run
     job = {**AUTO, "sparsity": 0.4}
@@ -132,7 +132,7 @@ def test_sweep_with_auto_among_the_alphas(tiny_model, tmp_path, prefect_harness,
 
 def test_cli_flags_accept_auto(tmp_path):
     from dlp.errors import DLPError
-    from flows.cli_commands import _alpha, _split
+    from cli.pipeline_commands import _alpha, _split
 
     assert _alpha("auto") == "auto" and _alpha("0.2") == 0.2 and _alpha(None) is None
     assert _split("0,0.15,auto", _alpha) == [0.0, 0.15, "auto"]

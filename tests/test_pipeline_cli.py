@@ -17,8 +17,8 @@ pytest_plugins = ["tests.conftest_pipeline"]
 
 @pytest.fixture
 def cli(capsys):
-    from dlp.cli import app, main
-    from flows.cli_commands import register
+    from cli import app, main
+    from cli.pipeline_commands import register
 
     register(app)
     register(app)  # idempotent
@@ -47,7 +47,7 @@ def _one_error_line(err: str) -> str:
 
 
 def test_commands_are_registered_once(cli):
-    from dlp.cli import app
+    from cli import app
 
     names = [c.name for c in app.registered_commands]
     assert names.count("compress") == 1 and names.count("sweep") == 1

@@ -15,7 +15,7 @@ def test_demo_end_to_end_on_smollm2(tmp_path, prefect_harness, monkeypatch):
     import torch
 
     from flows.compress import compress
-    from tasks.registry import configure_mlflow
+    from pipeline.registry import configure_mlflow
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     overrides = {

@@ -150,7 +150,7 @@ def test_rerun_is_fully_cached_and_registers_nothing_new(base, env):
     assert s2["pruned_ppl"] == s1["pruned_ppl"] and s2["checkpoint_sha256"] == s1["checkpoint_sha256"]
     s3 = runner.run(env)
     assert s3["stages"]["prune"]["state"] == "Cached" and s3["stages"]["statistics"]["state"] == "Cached"
-    from tasks.registry import get_client
+    from pipeline.registry import get_client
 
     client = get_client(None, runner.workdir)
     assert len(client.search_model_versions("name = 'tiny-llama-dlp'")) == 1
@@ -202,7 +202,7 @@ def test_corrupt_checkpoint_is_recomputed_to_the_same_weights(base, env, caplog)
 
 
 def test_failure_in_evaluate_then_rerun_does_not_redo_statistics_or_prune(base, env):
-    from tasks.caching import InjectedFailure
+    from pipeline.cache import InjectedFailure
 
     runner, _, _ = base
     with pytest.raises(InjectedFailure):
@@ -214,8 +214,8 @@ def test_failure_in_evaluate_then_rerun_does_not_redo_statistics_or_prune(base, 
 
 
 def test_failure_in_register_keeps_checkpoint_and_metrics_then_only_registers(base, env):
-    from tasks.caching import InjectedFailure
-    from tasks.registry import get_client
+    from pipeline.cache import InjectedFailure
+    from pipeline.registry import get_client
 
     runner, _, _ = base
     client = get_client(None, runner.workdir)
@@ -236,7 +236,7 @@ def test_failure_in_register_keeps_checkpoint_and_metrics_then_only_registers(ba
 def test_registry_run_has_params_metrics_artifacts_and_lineage(base):
     from mlflow.artifacts import download_artifacts
 
-    from tasks.registry import get_client
+    from pipeline.registry import get_client
 
     runner, s1, _ = base
     client = get_client(None, runner.workdir)
@@ -261,7 +261,7 @@ def test_registry_run_has_params_metrics_artifacts_and_lineage(base):
 
 
 def test_zero_shot_added_later_reuses_perplexity_and_logs_deltas(base, env):
-    from tasks.registry import get_client
+    from pipeline.registry import get_client
 
     runner, s1, _ = base
     s = runner.run(env, evaluation={"perplexity": {"data": "wikitext2", "seqlen": 64, "max_windows": 2},

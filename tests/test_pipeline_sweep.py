@@ -18,9 +18,9 @@ def _lines(trace: Path, suffix: str) -> list[str]:
 
 
 def test_expand_variants_drops_alpha_duplicates_and_validates(tmp_path):
-    from flows import resolve_job
+    from pipeline.jobconfig import resolve_job
     from flows.sweep import expand_variants
-    from tasks.jobconfig import JobError
+    from pipeline.jobconfig import JobError
 
     base = resolve_job(tiny_job(Path("/m"), tmp_path))
     vs = expand_variants(base, ["wanda", "sparsegpt"], ["uniform", "owl", "dlp"], [0.6, 0.7], [0.1, 0.15])
@@ -34,7 +34,7 @@ def test_sweep_thread_pool_statistics_once_each_variant_registered(tiny_model, t
     from mlflow.artifacts import download_artifacts
 
     from flows.sweep import sweep
-    from tasks.registry import get_client
+    from pipeline.registry import get_client
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     trace = tmp_path / "trace.txt"
@@ -69,8 +69,8 @@ def test_cli_sweep_through_a_local_dask_cluster(tiny_model, tmp_path, prefect_ha
 
     import yaml
 
-    from dlp.cli import app, main
-    from flows.cli_commands import register
+    from cli import app, main
+    from cli.pipeline_commands import register
 
     register(app)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

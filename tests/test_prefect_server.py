@@ -1,4 +1,4 @@
-"""The CLI's temporary Prefect API (flows.prefect_server): it answers, and it dies with its parent -- a
+"""The CLI's temporary Prefect API (cli.prefect_server): it answers, and it dies with its parent -- a
 `dlp compress` killed with SIGKILL leaves no server behind."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PARENT = """
 import sys, time
 sys.path.insert(0, {root!r})
-from flows.prefect_server import start_if_needed
+from cli.prefect_server import start_if_needed
 server = start_if_needed()
 print(server.proc.pid, server.port, flush=True)
 server.wait()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import registry as reg
-from tasks.preflight import PreflightError, check_tracking_uri
+from pipeline import registry as reg
+from pipeline.preflight import PreflightError, check_tracking_uri
 
 pytest_plugins = ["tests.conftest_pipeline"]
 

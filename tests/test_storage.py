@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks import storage as storage_mod
-from tasks.manifest import Manifest, load_verified, manifest_key, read_manifest, verify, write_manifest
-from tasks.preflight import PreflightError, check_s3
-from tasks.storage import (
+from pipeline import store as storage_mod
+from pipeline.manifest import Manifest, load_verified, manifest_key, read_manifest, verify, write_manifest
+from pipeline.preflight import PreflightError, check_s3
+from pipeline.store import (
     COMPLETE_MARKER,
     ArtifactMissing,
     CorruptArtifact,
@@ -378,8 +378,8 @@ def test_shallow_verify_catches_missing_and_resized_files(store, tmp_path, caplo
 
 
 def test_preflight_for_a_job_on_s3(s3_bucket, tmp_path, monkeypatch):
-    from tasks.jobconfig import load_job
-    from tasks.preflight import run_preflight
+    from pipeline.jobconfig import load_job
+    from pipeline.preflight import run_preflight
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     job = load_job(None, {"workdir": str(tmp_path / "w"), "storage.uri": s3_bucket.prefix_uri("art"),

@@ -27,8 +27,8 @@ PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 @pytest.fixture(scope="module")
 def cli():
-    from dlp.cli import app
-    from flows.ops_commands import register
+    from cli import app
+    from cli.ops_commands import register
 
     if "deploy" not in {c.name for c in app.registered_commands}:
         register(app)
@@ -210,7 +210,7 @@ def test_deploy_and_run_compress_through_a_worker(prefect_server, cli, tmp_path)
         _stop(worker)
     # the flow run registered the variant, with lineage pointing at the tiny model
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-    from tasks import registry as reg
+    from pipeline import registry as reg
 
     client = reg.get_client("sqlite:///" + db.as_posix())
     versions = client.search_model_versions("name = 'tiny-dlp'")

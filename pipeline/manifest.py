@@ -1,6 +1,6 @@
 """Stage manifests: what a stage produced, written LAST, checked before a cached result is trusted.
 
-A stage task writes its artifact with :mod:`tasks.storage` (``put_file`` / ``put_dir`` / ``write_bytes``), then
+A stage task writes its artifact with :mod:`pipeline.store` (``put_file`` / ``put_dir`` / ``write_bytes``), then
 ``write_manifest(store, manifest_key(artifact_key), Manifest.from_put(...))``. A later run that hits the
 cache calls :func:`load_verified` (or :func:`verify`): a manifest whose artifact is missing or whose bytes no
 longer match the recorded sha256 is rejected with a warning, so the stage recomputes.
@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.storage import COMPLETE_MARKER, ArtifactStore, PutResult, StorageError, normalize_key
+from pipeline.store import COMPLETE_MARKER, ArtifactStore, PutResult, StorageError, normalize_key
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Manifest(BaseModel):
     """Record of one stage output.
 
     ``sha256`` is the artifact's digest: a file's sha256, or for a directory
-    :func:`tasks.storage.dir_digest` over the sorted (relpath, file sha256) pairs.
+    :func:`pipeline.store.dir_digest` over the sorted (relpath, file sha256) pairs.
     ``figures`` holds the stage's key numbers (e.g. ``{"ppl": 22.8}``, per-block sparsity) -- JSON values only.
     """
 

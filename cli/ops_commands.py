@@ -1,6 +1,6 @@
 """Operations commands of the ``dlp`` CLI: ``deploy``, ``watch``, ``promote``, ``models``, ``report``.
 
-``register(app)`` adds them to the Typer app of :mod:`dlp.cli`. prefect, mlflow and the flows are imported
+``register(app)`` adds them to the Typer app of :mod:`cli`. prefect, mlflow and the flows are imported
 inside the commands, so ``dlp --help`` stays fast. Errors print one line ``error: ...`` on stderr and exit
 with status 2.
 """
@@ -34,7 +34,7 @@ def _quiet_mlflow() -> None:
 
 def _client(tracking_uri: Optional[str], workdir: str):
     """An MLflow client for an existing registry (a missing SQLite file is an error, never created here)."""
-    from tasks import registry as reg
+    from pipeline import registry as reg
 
     uri = reg.resolve_tracking_uri(tracking_uri, workdir)
     db = reg.sqlite_path(uri)
@@ -80,7 +80,7 @@ def watch_cmd(
     as_json: bool = JsonOpt,
 ):
     """Check the watched models once and compress each new release (the watch-releases flow, run here)."""
-    from tasks.jobconfig import JobError
+    from pipeline.jobconfig import JobError
 
     try:
         from flows.watch import load_watch_config
@@ -127,7 +127,7 @@ def promote_cmd(
     as_json: bool = JsonOpt,
 ):
     """Move the champion alias to the best version that passes the gate (metrics relative to dense)."""
-    from tasks.promotion import PromotionError, parse_gate, promote
+    from pipeline.promotion import PromotionError, parse_gate, promote
 
     try:
         conditions = parse_gate(gate)  # bad gate: fail before touching the registry
@@ -160,7 +160,7 @@ def models_cmd(
     as_json: bool = JsonOpt,
 ):
     """Table of a registered model's versions: method, allocation, sparsity, perplexity, zero-shot, aliases."""
-    from tasks.promotion import PromotionError, format_table, load_variants
+    from pipeline.promotion import PromotionError, format_table, load_variants
 
     client, _ = _client(tracking_uri, workdir)
     try:
@@ -185,8 +185,8 @@ def report_cmd(
     as_json: bool = JsonOpt,
 ):
     """Self-contained HTML comparison report (sparsity profiles, perplexity vs sparsity, metrics table)."""
-    from tasks.promotion import PromotionError
-    from tasks.report import build_report
+    from pipeline.promotion import PromotionError
+    from pipeline.report import build_report
 
     client, uri = _client(tracking_uri, workdir)
     if out is not None and out.exists() and out.is_dir():

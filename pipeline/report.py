@@ -22,8 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from tasks import registry as reg
-from tasks.promotion import CHAMPION_ALIAS, TABLE_COLUMNS, Variant, load_variants, table_rows
+from pipeline import registry as reg
+from pipeline.promotion import CHAMPION_ALIAS, TABLE_COLUMNS, Variant, load_variants, table_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow import MlflowClient
@@ -392,7 +392,7 @@ def build_report(
     """Write the report of registered model ``name`` to ``out`` (default ``<workdir>/reports/<name>.html``),
     log it to MLflow and publish a Prefect artifact (when inside a run). Returns
     ``{"path", "versions", "mlflow_run_id", "artifact_uri", "prefect_artifact"}``.
-    Raises :class:`tasks.promotion.PromotionError` when the model is unknown."""
+    Raises :class:`pipeline.promotion.PromotionError` when the model is unknown."""
     uri = reg.resolve_tracking_uri(tracking_uri, workdir)
     client = client or reg.get_client(uri, workdir)
     variants = load_variants(name, client=client)

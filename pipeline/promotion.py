@@ -1,6 +1,6 @@
 """Promotion of registered DLP variants: read each version's metrics, gate them, move the ``champion`` alias.
 
-Metrics of a version come from its MLflow run (the variant run :func:`tasks.registry.log_variant_run` creates)
+Metrics of a version come from its MLflow run (the variant run :func:`pipeline.registry.log_variant_run` creates)
 and its lineage tags (``dlp.method``, ``dlp.allocation``, ``dlp.sparsity`` ...). Gate metrics are relative to
 the dense baseline logged in the same run:
 
@@ -25,7 +25,7 @@ best is the lowest ``ppl_ratio`` (else pruned ``ppl``), then the lowest ``zero_s
 that loses the alias gets ``dlp.demoted_at`` / ``dlp.demoted_for``. :func:`auto_promote` is the same for the
 end of a pipeline run: it never raises when nothing passes.
 
-mlflow is imported lazily (through :mod:`tasks.registry`).
+mlflow is imported lazily (through :mod:`pipeline.registry`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from tasks import registry as reg
+from pipeline import registry as reg
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow import MlflowClient

@@ -220,7 +220,7 @@ def _swap_dir_into_place(tmp: Path, target: Path) -> None:
 # --------------------------------------------------------------------------------------------- results
 @dataclass(frozen=True)
 class PutResult:
-    """What a write produced: enough to build a :class:`tasks.manifest.Manifest`."""
+    """What a write produced: enough to build a :class:`pipeline.manifest.Manifest`."""
 
     key: str
     uri: str

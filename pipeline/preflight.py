@@ -9,7 +9,7 @@ naming what is wrong and the setting / environment variable that fixes it.
                                  timeout, no retries)
 - :func:`check_tracking_uri`  -- MLflow: http(s) server answers ``/health`` (or the REST API) quickly;
                                  SQLite: its folder is writable
-- :func:`run_preflight`       -- all of the above for a :class:`tasks.jobconfig.JobConfig`
+- :func:`run_preflight`       -- all of the above for a :class:`pipeline.jobconfig.JobConfig`
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
-from tasks.registry import default_artifact_location, resolve_tracking_uri, sqlite_path
+from pipeline.registry import default_artifact_location, resolve_tracking_uri, sqlite_path
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tasks.jobconfig import JobConfig
+    from pipeline.jobconfig import JobConfig
 
 __all__ = ["PreflightError", "check_s3", "check_tracking_uri", "check_workdir", "check_writable_dir", "run_preflight"]
 
@@ -99,7 +99,7 @@ def check_s3(
         ReadTimeoutError,
     )
 
-    from tasks.storage import make_s3_client
+    from pipeline.store import make_s3_client
 
     parsed = urlparse(uri)
     if parsed.scheme != "s3" or not parsed.netloc:
@@ -215,7 +215,7 @@ def run_preflight(job: "JobConfig", *, timeout: float = DEFAULT_TIMEOUT, registr
         if uri.startswith("s3://"):
             ok.append(check_s3(uri, endpoint_url=job.storage.endpoint_url, region=job.storage.region, timeout=timeout))
         else:
-            from tasks.storage import LocalStore, open_store
+            from pipeline.store import LocalStore, open_store
 
             store = open_store(uri, workdir=job.workdir, endpoint_url=job.storage.endpoint_url)
             if isinstance(store, LocalStore):

@@ -536,3 +536,19 @@ def _first_problem(err: ValidationError, override_keys: set[str], data: Mapping[
     if len(keys) > 1:
         msg += f" (and {len(keys) - 1} more: {', '.join(repr(k) for k in keys[1:4])}{', ...' if len(keys) > 4 else ''})"
     return msg
+
+
+def resolve_job(job: Mapping[str, Any] | None = None, job_file: str | os.PathLike[str] | None = None,
+                overrides: Mapping[str, Any] | None = None):
+    """The validated :class:`pipeline.jobconfig.JobConfig` (demo job when neither job nor job_file is given),
+    with the workdir and data folder made absolute. Raises JobError / DLPError (one line)."""
+    if job is not None and job_file is not None:
+        raise JobError("give either a job mapping or a job file, not both")
+    if job is None:
+        cfg = load_job(job_file if job_file is not None else DEMO_JOB, overrides)
+    else:
+        cfg = load_job_data(job, overrides)
+    cfg.workdir = str(cfg.workdir_path)
+    if cfg.data_dir:
+        cfg.data_dir = str(Path(cfg.data_dir).expanduser().resolve())
+    return cfg

@@ -1,16 +1,15 @@
-"""The ``dlp`` command line: one sub-command per stage (the outermost layer; nothing in dlp/ imports it)."""
+"""The library commands of ``dlp``: ratios, prune, ppl, eval -- direct calls into dlp/, no pipeline."""
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .errors import DLPError
+from dlp.errors import DLPError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Dynamic Layerwise Pruning (DLP) for LLMs: statistics, allocation, pruning, evaluation.")
@@ -63,7 +62,7 @@ def _log(msg: str, quiet: bool) -> None:
 
 
 def _prepare(model, revision, dtype, trust, calibration, nsamples, seqlen, seed, quiet):
-    from . import data, models
+    from dlp import data, models
 
     if nsamples <= 0:
         raise DLPError(f"--nsamples must be a positive integer, got {nsamples}")
@@ -81,13 +80,13 @@ def _allocation(net, stats, allocation, sparsity, alpha, statistic, owl_m, owl_l
     """``auto`` (for --alpha auto / --statistic auto): tok, calibration, nsamples, seqlen, seed, windows,
     heldout (count or None), method, pattern, mode, device, batch_size and report (folder for the curve
     JSON + PNG); the search summary lands in the allocation's params under ``alpha_search``."""
-    from . import allocation as alloc
+    from dlp import allocation as alloc
 
     if allocation == "owl":
         stats = stats.with_owl_m(net, owl_m)
     if allocation == "dlp" and (alpha == "auto" or statistic == "auto"):
-        from . import data
-        from .autoalpha import choose_alpha_from_text
+        from dlp import data
+        from dlp.autoalpha import choose_alpha_from_text
 
         if auto is None:
             raise DLPError("--alpha auto / --statistic auto are available in `dlp ratios` and `dlp prune`")
@@ -120,9 +119,9 @@ def ratios(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: 
            alpha_report: Path = typer.Option(Path("dlp-alpha-search"), "--alpha-report", help="--alpha auto: folder for the proxy curve (JSON + PNG)"),
            as_json: bool = JsonOpt):
     """Per-block sparsities (uniform, OWL or DLP) from one calibration sweep; --alpha auto chooses alpha."""
-    from . import allocation as alloc
-    from .models import resolve_device
-    from .statistics import collect_statistics
+    from dlp import allocation as alloc
+    from dlp.models import resolve_device
+    from dlp.statistics import collect_statistics
 
     _set_data_dir(data_dir)
     a = _alpha(alpha)
@@ -170,11 +169,11 @@ def prune(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: s
           alpha_report: Optional[Path] = typer.Option(None, "--alpha-report", help="--alpha auto: folder for the proxy curve (JSON + PNG); default <out>-alpha-search"),
           as_json: bool = JsonOpt):
     """Prune at per-block sparsities and write a loadable HF checkpoint plus a sparsity report."""
-    from . import allocation as alloc
-    from .checkpoint import save_checkpoint
-    from .models import resolve_device
-    from .pruning import METHODS, MODES, parse_pattern, prune as run_prune
-    from .statistics import collect_statistics
+    from dlp import allocation as alloc
+    from dlp.checkpoint import save_checkpoint
+    from dlp.models import resolve_device
+    from dlp.pruning import METHODS, MODES, parse_pattern, prune as run_prune
+    from dlp.statistics import collect_statistics
 
     _set_data_dir(data_dir)
     pat = parse_pattern(pattern)
@@ -226,9 +225,9 @@ def ppl(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: str
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="windows per forward"),
         as_json: bool = JsonOpt):
     """WikiText-2 perplexity with the papers' protocol."""
-    from . import data as dlpdata
-    from .models import load_model, resolve_device
-    from .perplexity import perplexity
+    from dlp import data as dlpdata
+    from dlp.models import load_model, resolve_device
+    from dlp.perplexity import perplexity
 
     _set_data_dir(data_dir)
     if seqlen <= 1:
@@ -252,8 +251,8 @@ def eval_(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: s
           tasks_source: str = typer.Option("local", "--tasks-source", help="local (offline files) | hub (stock tasks)"),
           as_json: bool = JsonOpt):
     """Zero-shot accuracy through lm-eval on the in-memory model (offline task definitions by default)."""
-    from .models import load_model, resolve_device
-    from .zeroshot import evaluate_zero_shot, resolve_tasks
+    from dlp.models import load_model, resolve_device
+    from dlp.zeroshot import evaluate_zero_shot, resolve_tasks
 
     _set_data_dir(data_dir)
     if limit is not None and limit <= 0:
@@ -272,28 +271,3 @@ def eval_(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: s
         norm = f"{r['acc_norm']:.4f}" if r.get("acc_norm") is not None else "-"
         typer.echo(f"{name:<16} {r.get('acc', float('nan')):>7.4f} {norm:>9} {r.get('n_samples', 0):>6}")
     typer.echo(f"mean acc {result['mean_acc']:.4f}  (lm-eval {result['harness_version']}, limit {limit})")
-
-
-def _register_pipeline_commands() -> None:
-    """The pipeline's commands (compress, sweep, deploy, watch, promote, models, report) live with the flows;
-    they import prefect and mlflow only when they run, so ``dlp --help`` stays fast."""
-    from flows import cli_commands, ops_commands
-
-    cli_commands.register(app)
-    ops_commands.register(app)
-
-
-_register_pipeline_commands()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: bad input -> one line on stderr and exit status 2, no traceback."""
-    try:
-        app(args=argv, standalone_mode=True)
-    except DLPError as err:
-        typer.echo(f"error: {err}", err=True)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

@@ -8,7 +8,7 @@ How a stage is cached (every stage module follows this):
    salt (:data:`CODE_SALT` + the stage's entry in :data:`STAGE_VERSIONS`). Never tensors, never ``hash()``,
    never machine-local paths -- the same job on another machine computes the same keys.
 2. The **store** holds the artifact under ``<stage>/<key>/...`` and, written LAST, its manifest
-   (:mod:`tasks.manifest`). :func:`run_cached` first looks for a *verified* manifest under the content key
+   (:mod:`pipeline.manifest`). :func:`run_cached` first looks for a *verified* manifest under the content key
    (artifact present, sha256 matches); only when there is none does the stage compute. This is the cache
    that survives a fresh ``PREFECT_HOME`` or a second machine that shares the bucket, and the check that
    catches a missing or corrupted artifact (warning, then recompute).
@@ -40,8 +40,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from tasks.manifest import Manifest, load_verified, manifest_key, write_manifest
-from tasks.storage import ArtifactStore, PutResult, StorageError, open_store, sha256_file
+from pipeline.manifest import Manifest, load_verified, manifest_key, write_manifest
+from pipeline.store import ArtifactStore, PutResult, StorageError, open_store, sha256_file
 
 log = logging.getLogger("dlp.pipeline")
 
@@ -370,7 +370,7 @@ def materialize(spec: StoreSpec | Mapping[str, Any], manifest: Mapping[str, Any]
     stamp.unlink(missing_ok=True)
     if m.kind == "dir":
         store.get_dir(m.key, target, verify=True)
-        from tasks.storage import hash_dir
+        from pipeline.store import hash_dir
 
         got = hash_dir(target).sha256
     else:
@@ -378,7 +378,7 @@ def materialize(spec: StoreSpec | Mapping[str, Any], manifest: Mapping[str, Any]
         got = sha256_file(target)
     if got != m.sha256:
         shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-        from tasks.storage import CorruptArtifact
+        from pipeline.store import CorruptArtifact
 
         raise CorruptArtifact(f"{m.uri}: downloaded sha256 {got[:12]} != manifest {m.sha256[:12]}")
     stamp.write_text(m.sha256)

@@ -1,7 +1,7 @@
 """``dlp compress`` and ``dlp sweep``: the pipeline commands, registered on the ``dlp`` Typer app.
 
-    from dlp.cli import app
-    from flows.cli_commands import register
+    from cli import app
+    from cli.pipeline_commands import register
     register(app)
 
 Prefect, MLflow and torch are imported inside the commands (``dlp --help`` stays fast). Order of work:
@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import typer
 
-from flows.prefect_server import start_if_needed
+from cli.prefect_server import start_if_needed
 
 __all__ = ["format_summary", "register"]
 
@@ -44,7 +44,7 @@ def _die(message: str, code: int = 2) -> None:
 
 
 def _overrides(sets: Optional[list[str]], **flags: Any) -> dict[str, Any]:
-    from tasks.jobconfig import parse_overrides
+    from pipeline.jobconfig import parse_overrides
 
     out = parse_overrides(sets or [])
     for key, value in flags.items():
@@ -54,7 +54,7 @@ def _overrides(sets: Optional[list[str]], **flags: Any) -> dict[str, Any]:
 
 
 def _load(config: Optional[Path], sets: Optional[list[str]], **flags: Any):
-    from flows import resolve_job
+    from pipeline.jobconfig import resolve_job
 
     return resolve_job(None, str(config) if config is not None else None, _overrides(sets, **flags))
 
@@ -92,7 +92,7 @@ def _preimport() -> None:
 
 
 def _preflight(cfg) -> None:
-    from tasks.preflight import run_preflight
+    from pipeline.preflight import run_preflight
 
     run_preflight(cfg)
     _check_data(cfg)
@@ -122,8 +122,8 @@ def _check_data(cfg) -> None:
 
 def _known_errors():
     from dlp.errors import DLPError
-    from tasks.jobconfig import JobError
-    from tasks.preflight import PreflightError
+    from pipeline.jobconfig import JobError
+    from pipeline.preflight import PreflightError
 
     return (DLPError, JobError, PreflightError)
 
