@@ -8,15 +8,11 @@ key figures), never models or tensors. Big things live in the artifact store (``
 same job again and only what did not finish runs; change alpha and only rates -> prune -> evaluate ->
 register run; change the calibration and statistics and everything after run.
 
-Prefect's persisted results (manifests only) live on the same store (``_prefect-results/``), through a
-Prefect block that the flow saves at start (blocks live in the Prefect database: a fresh ``PREFECT_HOME``
-saves it again).
+The store's manifests are the only cache; Prefect persists nothing (a served stage shows as ``Cached``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
 import os
 import time
@@ -25,7 +21,7 @@ from typing import Any, Mapping
 from prefect import flow
 
 from pipeline.jobconfig import resolve_job
-from pipeline.cache import PREFECT_RESULTS_PREFIX, StoreSpec, stage_logger
+from pipeline.cache import StoreSpec, stage_logger
 from tasks.evaluate import baseline_task, evaluate_task, evaluation_spec
 from tasks.fetch import fetch_task
 from tasks.prune import prune_task
@@ -37,7 +33,7 @@ log = logging.getLogger("dlp.pipeline")
 
 STAGES = ("fetch", "calibration", "statistics", "rates", "prune", "baseline", "evaluate", "register")
 
-__all__ = ["STAGES", "compress", "search_settings", "resolve_job", "store_spec", "result_storage_slug", "summarize"]
+__all__ = ["STAGES", "compress", "search_settings", "resolve_job", "store_spec", "summarize"]
 
 
 # ============================================================================================ job / store
@@ -47,42 +43,6 @@ def store_spec(cfg) -> StoreSpec:
     uri = cfg.storage_uri
     endpoint = resolve_s3_endpoint(cfg.storage.endpoint_url) if uri.startswith("s3://") else None
     return StoreSpec(uri=uri, workdir=cfg.workdir, endpoint_url=endpoint, region=cfg.storage.region)
-
-
-def result_storage_slug(spec: StoreSpec) -> str | None:
-    """Save (or update) the Prefect block for persisted results on the artifact store; its slug, or None
-    (with a warning) when it cannot be saved -- the artifact store still caches every stage then."""
-    digest = hashlib.sha256(f"{spec.uri}\0{spec.endpoint_url or ''}".encode()).hexdigest()[:16]
-    name = f"dlp-results-{digest}"
-    try:
-        store = spec.open()
-        if spec.uri.startswith("s3://"):
-            from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
-
-            params = AwsClientParameters(endpoint_url=spec.endpoint_url) if spec.endpoint_url else AwsClientParameters()
-            region = spec.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-            # no secrets in the block: boto3 reads the credentials from the environment / profile chain
-            creds = AwsCredentials(region_name=region, aws_client_parameters=params)
-            folder = "/".join(p for p in (getattr(store, "prefix", ""), PREFECT_RESULTS_PREFIX) if p)
-            S3Bucket(bucket_name=store.bucket, bucket_folder=folder, credentials=creds).save(name, overwrite=True)
-            return f"s3-bucket/{name}"
-        from prefect.filesystems import LocalFileSystem
-
-        root = store.local_path(PREFECT_RESULTS_PREFIX)
-        root.mkdir(parents=True, exist_ok=True)
-        LocalFileSystem(basepath=str(root)).save(name, overwrite=True)
-        return f"local-file-system/{name}"
-    except Exception as e:  # noqa: BLE001 -- degrade to store-only caching, loudly
-        log.warning("Prefect result storage on %s unavailable (%s: %s); stages are still cached in the store",
-                    spec.uri, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        return None
-
-
-def with_storage(task_obj, slug: str | None):
-    """The task with its persisted results on the store (only tasks that persist results)."""
-    if slug and getattr(task_obj, "persist_result", None):
-        return task_obj.with_options(result_storage=slug)
-    return task_obj
 
 
 def model_settings(cfg) -> dict[str, Any]:
@@ -200,30 +160,27 @@ def summarize(cfg, model: Mapping[str, Any], stats: Mapping[str, Any], rates: Ma
 
 def prepare(cfg, stages: dict[str, Any]):
     """Preflight, store, result storage, and the shared front of the pipeline (fetch, calibration,
-    statistics, dense baseline). Returns (spec, slug, model, calib, stats, eval_spec, baseline)."""
+    statistics, dense baseline). Returns (spec, model, calib, stats, eval_spec, baseline)."""
     from pipeline.preflight import run_preflight
 
     logger = stage_logger("compress")
     for line in run_preflight(cfg):
         logger.info("preflight: %s", line)
     spec = store_spec(cfg)
-    slug = result_storage_slug(spec)
-    if slug:
-        spec = dataclasses.replace(spec, prefect_results=True)
     store = spec.as_dict()
     settings = model_settings(cfg)
-    model = call_stage(with_storage(fetch_task, slug), stages, "fetch", store=store, source=cfg.model.source,
+    model = call_stage(fetch_task, stages, "fetch", store=store, source=cfg.model.source,
                        revision=cfg.model.revision)
     c = cfg.calibration
-    calib = call_stage(with_storage(calibration_task, slug), stages, "calibration", store=store, model=model,
+    calib = call_stage(calibration_task, stages, "calibration", store=store, model=model,
                        source=c.source, nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed, data_dir=cfg.data_dir,
                        trust_remote_code=cfg.model.trust_remote_code)
-    stats = call_stage(with_storage(statistics_task, slug), stages, "statistics", store=store, model=model, calib=calib,
+    stats = call_stage(statistics_task, stages, "statistics", store=store, model=model, calib=calib,
                        settings=settings)
     espec = evaluation_spec(cfg)
-    baseline = call_stage(with_storage(baseline_task, slug), stages, "baseline", store=store,
+    baseline = call_stage(baseline_task, stages, "baseline", store=store,
                           target={"kind": "dense", "model": model}, spec=espec)
-    return spec, slug, model, calib, stats, espec, baseline
+    return spec, model, calib, stats, espec, baseline
 
 
 # ============================================================================================ the flow
@@ -238,13 +195,13 @@ def compress(job: dict | None = None, job_file: str | None = None, overrides: di
     logger = stage_logger("compress")
     logger.info("compress: %s (%s) into %s", cfg.model.source, cfg.variant_name(), cfg.storage_uri)
     stages: dict[str, Any] = {}
-    spec, slug, model, calib, stats, espec, baseline = prepare(cfg, stages)
+    spec, model, calib, stats, espec, baseline = prepare(cfg, stages)
     store = spec.as_dict()
-    rates = call_stage(with_storage(rates_task, slug), stages, "rates", store=store, model=model, stats=stats,
+    rates = call_stage(rates_task, stages, "rates", store=store, model=model, stats=stats,
                        **rates_inputs(cfg, calib))
-    pruned = call_stage(with_storage(prune_task, slug), stages, "prune", store=store, model=model, calib=calib,
+    pruned = call_stage(prune_task, stages, "prune", store=store, model=model, calib=calib,
                         stats=stats, rates=rates, params=prune_params(cfg))
-    evaluation = call_stage(with_storage(evaluate_task, slug), stages, "evaluate", store=store,
+    evaluation = call_stage(evaluate_task, stages, "evaluate", store=store,
                             target={"kind": "pruned", "prune": pruned, "model": model}, spec=espec)
     registered = call_stage(register_task, stages, "register", store=store, job=cfg.model_dump(mode="json"),
                             model=model, calib=calib, stats=stats, rates=rates, prune=pruned, evaluation=evaluation,

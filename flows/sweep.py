@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.jobconfig import resolve_job
-from flows.compress import prepare, prune_params, rates_inputs, stage_record, summarize, with_storage
+from flows.compress import prepare, prune_params, rates_inputs, stage_record, summarize
 from pipeline.cache import content_key, stage_logger
 from tasks.evaluate import evaluate_task
 from tasks.prune import prune_task
@@ -210,15 +210,15 @@ def sweep(job: dict | None = None, job_file: str | None = None, overrides: dict 
     logger = stage_logger("sweep")
     logger.info("sweep: %d variants of %s: %s", len(variants), base.model.source, ", ".join(v.variant_name() for v in variants))
     stages: dict[str, Any] = {}
-    spec, slug, model, calib, stats, espec, baseline = prepare(base, stages)
+    spec, model, calib, stats, espec, baseline = prepare(base, stages)
     store = spec.as_dict()
     submitted = []
     for v in variants:
         t_sub = time.perf_counter()
-        rates_f = with_storage(rates_task, slug).submit(store=store, model=model, stats=stats, **rates_inputs(v, calib))
-        prune_f = with_storage(prune_task, slug).submit(store=store, model=model, calib=calib, stats=stats, rates=rates_f,
+        rates_f = rates_task.submit(store=store, model=model, stats=stats, **rates_inputs(v, calib))
+        prune_f = prune_task.submit(store=store, model=model, calib=calib, stats=stats, rates=rates_f,
                                                        params=prune_params(v))
-        eval_f = with_storage(evaluate_task, slug).submit(store=store, target={"kind": "pruned", "prune": prune_f, "model": model},
+        eval_f = evaluate_task.submit(store=store, target={"kind": "pruned", "prune": prune_f, "model": model},
                                                          spec=espec)
         reg_f = register_task.submit(store=store, job=v.model_dump(mode="json"), model=model, calib=calib, stats=stats,
                                      rates=rates_f, prune=prune_f, evaluation=eval_f, baseline=baseline)

@@ -12,11 +12,10 @@ How a stage is cached (every stage module follows this):
    (artifact present, sha256 matches); only when there is none does the stage compute. This is the cache
    that survives a fresh ``PREFECT_HOME`` or a second machine that shares the bucket, and the check that
    catches a missing or corrupted artifact (warning, then recompute).
-3. **Prefect caching** is layered on top with the same key: every stage task gets
-   ``cache_key_fn=`` :func:`prefect_cache_key_fn` and persisted JSON results (only manifests) in result
-   storage on the same store. The key function verifies the store manifest first and returns ``None`` (no
-   Prefect cache, the body runs and recomputes) when the artifact is gone or corrupt, so a cached Prefect
-   result can never hand out a manifest whose artifact is broken.
+3. **Prefect does not cache**: every stage runs as a task run with ``cache_policy=NO_CACHE`` and returns
+   at once, in a state named ``Cached``, when the store holds its verified manifest (:mod:`tasks.stage`).
+   One cache, one key, one place to look: nothing in Prefect's database or result storage can hand out a
+   manifest whose artifact is gone.
 
 Test seams (environment variables, read at each call; never set them in production):
 
@@ -72,7 +71,6 @@ __all__ = [
     "file_set_fingerprint",
     "hook",
     "materialize",
-    "prefect_cache_key_fn",
     "run_cached",
     "stage_logger",
     "text_fingerprint",
@@ -158,7 +156,6 @@ class StoreSpec:
     workdir: str
     endpoint_url: str | None = None
     region: str | None = None
-    prefect_results: bool = False  # Prefect's persisted results live under <store>/_prefect-results/
 
     def open(self) -> ArtifactStore:
         return open_store(self.uri, workdir=self.workdir, endpoint_url=self.endpoint_url, region=self.region)
@@ -260,12 +257,6 @@ def _manifest_key_for(artifact_key: str) -> str:
     return manifest_key(artifact_key)
 
 
-def verified_manifest(spec: StoreSpec | Mapping[str, Any], artifact_key: str, key: str) -> Manifest | None:
-    """The stage's verified manifest in the store, or None (a rejected one was logged as a warning)."""
-    store = StoreSpec.of(spec).open()
-    return load_verified(store, _manifest_key_for(artifact_key), cache_key=key)
-
-
 def run_cached(
     spec: StoreSpec | Mapping[str, Any],
     stage: str,
@@ -295,46 +286,6 @@ def run_cached(
     write_manifest(store, mkey, m)
     hook(stage, "computed")
     return {"stage": stage, "key": key, "manifest": m.model_dump(mode="json"), "computed": True}
-
-
-PREFECT_RESULTS_PREFIX = "_prefect-results"
-
-
-def prefect_cache_key_fn(stage: str, key_of: Callable[[dict[str, Any]], Any]):
-    """A Prefect ``cache_key_fn`` for a stage task.
-
-    ``key_of(parameters)`` returns ``(content_key, artifact_key)`` or a list of such pairs (a stage with
-    several artifacts). The Prefect key is a hash of the stage, its content key(s) and the store, so the
-    first run's persisted result is what the next run (or another machine sharing the store) hits.
-
-    Before returning it, the store's manifests are verified: when one is missing or its artifact is gone or
-    corrupt (warning), the Prefect record under that key -- which would hand out the broken manifest -- is
-    deleted from the result storage (``<store>/_prefect-results/<key>``), so Prefect runs the body, which
-    recomputes, and persists the fresh manifest. Returns None (no Prefect caching; the store still caches)
-    when the flow could not set up result storage on the store (``StoreSpec.prefect_results`` false)."""
-
-    def fn(_ctx: Any, parameters: dict[str, Any]) -> str | None:
-        try:
-            spec = StoreSpec.of(parameters["store"])
-            if not spec.prefect_results:
-                return None
-            pairs = key_of(parameters)
-            if isinstance(pairs, tuple):
-                pairs = [pairs]
-            parts = [stage, spec.uri] + [key for key, _ in pairs]
-            pkey = "dlp-" + stage + "-" + hashlib.sha256("\0".join(parts).encode()).hexdigest()
-            if not all(verified_manifest(spec, artifact_key, key) is not None for key, artifact_key in pairs):
-                store = spec.open()
-                if store.exists(f"{PREFECT_RESULTS_PREFIX}/{pkey}"):
-                    store.delete_prefix(f"{PREFECT_RESULTS_PREFIX}/{pkey}")
-                    log.info("stage %r: dropped Prefect's cached result %s (its artifact must be recomputed)", stage, pkey[:24])
-            return pkey
-        except Exception as e:  # never let a key problem break the run: just do not use Prefect's cache
-            log.warning("stage %r: no Prefect cache key (%s: %s); the artifact store still caches it", stage, type(e).__name__, e)
-            return None
-
-    fn.__name__ = f"{stage}_cache_key"
-    return fn
 
 
 def retry_on_storage_error(_task: Any, _task_run: Any, state: Any) -> bool:

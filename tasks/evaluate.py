@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from prefect import task
 
 from pipeline.cache import (
     StoreSpec,
@@ -28,13 +27,12 @@ from pipeline.cache import (
     hook,
     json_put,
     materialize,
-    prefect_cache_key_fn,
     read_json_artifact,
-    retry_on_storage_error,
     run_cached,
     stage_logger,
     text_fingerprint,
 )
+from tasks.stage import as_state, stage_task
 
 
 # ============================================================================================ settings
@@ -231,13 +229,11 @@ def run_evaluation(store: Mapping[str, Any], target: Mapping[str, Any], spec: Ma
     return out
 
 
-@task(name="evaluate", cache_key_fn=prefect_cache_key_fn("evaluate", _keys), persist_result=True, result_serializer="json",
-      retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_storage_error)
+@stage_task("evaluate")
 def evaluate_task(store: dict[str, Any], target: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
-    return run_evaluation(store, target, spec, "evaluate")
+    return as_state(run_evaluation(store, target, spec, "evaluate"))
 
 
-@task(name="baseline", cache_key_fn=prefect_cache_key_fn("baseline", _keys), persist_result=True, result_serializer="json",
-      retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_storage_error)
+@stage_task("baseline")
 def baseline_task(store: dict[str, Any], target: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
-    return run_evaluation(store, target, spec, "baseline")
+    return as_state(run_evaluation(store, target, spec, "baseline"))

@@ -21,10 +21,9 @@ import json
 import time
 from typing import Any, Mapping
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from pipeline.cache import StoreSpec, json_put, retry_on_storage_error, run_cached, stage_logger, tokenizer_fingerprint
+from pipeline.cache import StoreSpec, json_put, run_cached, stage_logger, tokenizer_fingerprint
+from tasks.stage import as_state, stage_task
 
 STAGE = "fetch"
 
@@ -58,9 +57,9 @@ def fetch_model(store: Mapping[str, Any], source: str, revision: str | None = No
     return out
 
 
-@task(name="fetch", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_storage_error)
+@stage_task("fetch")
 def fetch_task(store: dict[str, Any], source: str, revision: str | None = None) -> dict[str, Any]:
-    return fetch_model(store, source, revision)
+    return as_state(fetch_model(store, source, revision))
 
 
 def describe(result: Mapping[str, Any]) -> str:

@@ -13,19 +13,17 @@ import shutil
 import time
 from typing import Any, Mapping
 
-from prefect import task
 
 from pipeline.cache import (
     StoreSpec,
     block_progress,
     content_key,
     hook,
-    prefect_cache_key_fn,
-    retry_on_storage_error,
     run_cached,
     seed_materialized,
     stage_logger,
 )
+from tasks.stage import as_state, stage_task
 from tasks.statistics import load_statistics, load_windows
 
 CHECKPOINT_WEIGHTS = "model.safetensors"
@@ -116,8 +114,7 @@ def run_prune(store: Mapping[str, Any], model: Mapping[str, Any], calib: Mapping
     return run_cached(spec, "prune", key, artifact_key, compute)
 
 
-@task(name="prune", cache_key_fn=prefect_cache_key_fn("prune", _keys), persist_result=True, result_serializer="json",
-      retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_storage_error)
+@stage_task("prune")
 def prune_task(store: dict[str, Any], model: dict[str, Any], calib: dict[str, Any], stats: dict[str, Any],
                rates: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    return run_prune(store, model, calib, stats, rates, params)
+    return as_state(run_prune(store, model, calib, stats, rates, params))

@@ -26,18 +26,16 @@ import time
 from collections.abc import MutableMapping
 from typing import Any, Iterator, Mapping
 
-from prefect import task
 
 from pipeline.cache import (
     StoreSpec,
     content_key,
     hook,
     json_put,
-    prefect_cache_key_fn,
-    retry_on_storage_error,
     run_cached,
     stage_logger,
 )
+from tasks.stage import as_state, stage_task
 from tasks.statistics import load_statistics
 
 
@@ -256,9 +254,8 @@ def chosen_allocation(rates: Mapping[str, Any]) -> dict[str, Any]:
     return {"alpha": p.get("alpha"), "statistic": p.get("statistic")}
 
 
-@task(name="rates", cache_key_fn=prefect_cache_key_fn("rates", _keys), persist_result=True, result_serializer="json",
-      retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_storage_error)
+@stage_task("rates")
 def rates_task(store: dict[str, Any], model: dict[str, Any], stats: dict[str, Any], alloc: dict[str, Any],
                settings: dict[str, Any], calib: dict[str, Any] | None = None,
                search: dict[str, Any] | None = None) -> dict[str, Any]:
-    return compute_rates(store, model, stats, alloc, settings, calib, search)
+    return as_state(compute_rates(store, model, stats, alloc, settings, calib, search))

@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from pipeline.cache import (
     StoreSpec,
@@ -27,13 +25,12 @@ from pipeline.cache import (
     content_key,
     hook,
     materialize,
-    prefect_cache_key_fn,
-    retry_on_storage_error,
     run_cached,
     seed_materialized,
     stage_logger,
     text_fingerprint,
 )
+from tasks.stage import as_state, stage_task
 
 #: Statistics are always collected with this OWL M (the library default); other M values are derived.
 STATS_OWL_M = 5.0
@@ -84,10 +81,10 @@ def calibration_windows(
     return run_cached(spec, "calibration", key, artifact_key, compute)
 
 
-@task(name="calibration", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_storage_error)
+@stage_task("calibration")
 def calibration_task(store: dict[str, Any], model: dict[str, Any], source: str, nsamples: int, seqlen: int, seed: int,
                      data_dir: str | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
-    return calibration_windows(store, model, source, nsamples, seqlen, seed, data_dir, trust_remote_code)
+    return as_state(calibration_windows(store, model, source, nsamples, seqlen, seed, data_dir, trust_remote_code))
 
 
 def load_windows(store: Mapping[str, Any], calib: Mapping[str, Any]):
@@ -158,10 +155,9 @@ def collect(store: Mapping[str, Any], model: Mapping[str, Any], calib: Mapping[s
     return run_cached(spec, "statistics", key, artifact_key, compute)
 
 
-@task(name="statistics", cache_key_fn=prefect_cache_key_fn("statistics", _stats_keys), persist_result=True,
-      result_serializer="json", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_storage_error)
+@stage_task("statistics")
 def statistics_task(store: dict[str, Any], model: dict[str, Any], calib: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    return collect(store, model, calib, settings)
+    return as_state(collect(store, model, calib, settings))
 
 
 def load_statistics(store: Mapping[str, Any], stats: Mapping[str, Any]):
