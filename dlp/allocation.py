@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .bounds import ALPHA, DEFAULT_ALPHA, DEFAULT_OWL_LAMBDA, DEFAULT_STATISTIC, OWL_LAMBDA, SPARSITY
 from .errors import DLPError
 from .statistics import BlockStatistics
 
@@ -29,22 +30,25 @@ class Allocation:
 
 
 def check_sparsity(p: float) -> None:
-    if not isinstance(p, (int, float)) or not 0.0 < float(p) < 1.0:
-        raise DLPError(f"sparsity must be strictly between 0 and 1 (e.g. 0.7), got {p}")
+    SPARSITY.check(p)
 
 
-def check_params(method: str, p: float, alpha: float = 0.15, statistic: str = "median", owl_lambda: float = 0.08) -> None:
+def check_statistic(statistic: str) -> None:
+    if statistic not in STATISTICS:
+        raise DLPError(f"unknown statistic '{statistic}'; use one of: {', '.join(STATISTICS)}")
+
+
+def check_params(method: str, p: float, alpha: float = DEFAULT_ALPHA, statistic: str = DEFAULT_STATISTIC,
+                 owl_lambda: float = DEFAULT_OWL_LAMBDA) -> None:
     """Validate allocation settings up front, before any expensive work."""
     if method not in ALLOCATIONS:
         raise DLPError(f"unknown allocation '{method}'; use one of: {', '.join(ALLOCATIONS)}")
     check_sparsity(p)
     if method == "dlp":
-        if statistic not in STATISTICS:
-            raise DLPError(f"unknown statistic '{statistic}'; use one of: {', '.join(STATISTICS)}")
-        if not 0.0 <= alpha < 0.5:
-            raise DLPError(f"alpha must be in [0, 0.5) (max R - min R = 2 alpha), got {alpha}")
-    if method == "owl" and not 0.0 <= owl_lambda < 0.5:
-        raise DLPError(f"OWL lambda must be in [0, 0.5), got {owl_lambda}")
+        check_statistic(statistic)
+        ALPHA.check(alpha)
+    if method == "owl":
+        OWL_LAMBDA.check(owl_lambda)
 
 
 def _spread(values: list[float], p: float, half_range: float, sign: float, what: str) -> list[float]:
@@ -71,13 +75,11 @@ def uniform(num_blocks: int, p: float) -> Allocation:
     return Allocation("uniform", p, [float(p)] * num_blocks, {})
 
 
-def dlp(stats: BlockStatistics | list[float], p: float, alpha: float = 0.15, statistic: str = "median") -> Allocation:
+def dlp(stats: BlockStatistics | list[float], p: float, alpha: float = DEFAULT_ALPHA, statistic: str = DEFAULT_STATISTIC) -> Allocation:
     """DLP rates from per-block statistics (a :class:`BlockStatistics` or the list of S_l)."""
     check_sparsity(p)
-    if statistic not in STATISTICS:
-        raise DLPError(f"unknown statistic '{statistic}'; use one of: {', '.join(STATISTICS)}")
-    if not 0.0 <= alpha < 0.5:
-        raise DLPError(f"alpha must be in [0, 0.5) (max R - min R = 2 alpha), got {alpha}")
+    check_statistic(statistic)
+    ALPHA.check(alpha)
     values = stats.statistic(statistic) if isinstance(stats, BlockStatistics) else list(stats)
     if alpha == 0.0:
         return Allocation("dlp", p, [float(p)] * len(values), {"alpha": 0.0, "statistic": statistic})
@@ -85,11 +87,10 @@ def dlp(stats: BlockStatistics | list[float], p: float, alpha: float = 0.15, sta
     return Allocation("dlp", p, ratios, {"alpha": alpha, "statistic": statistic, "block_statistic": values})
 
 
-def owl(stats: BlockStatistics | list[float], p: float, lam: float = 0.08) -> Allocation:
+def owl(stats: BlockStatistics | list[float], p: float, lam: float = DEFAULT_OWL_LAMBDA) -> Allocation:
     """OWL rates from per-block outlier ratios (%); more outliers -> less pruning."""
     check_sparsity(p)
-    if not 0.0 <= lam < 0.5:
-        raise DLPError(f"OWL lambda must be in [0, 0.5), got {lam}")
+    OWL_LAMBDA.check(lam)
     values = stats.statistic("owl_outlier_ratio") if isinstance(stats, BlockStatistics) else list(stats)
     m = stats.owl_m if isinstance(stats, BlockStatistics) else None
     if lam == 0.0:
@@ -98,8 +99,8 @@ def owl(stats: BlockStatistics | list[float], p: float, lam: float = 0.08) -> Al
     return Allocation("owl", p, ratios, {"owl_lambda": lam, "owl_m": m, "outlier_ratio": values})
 
 
-def allocate(stats: BlockStatistics, method: str, p: float, *, alpha: float = 0.15, statistic: str = "median",
-             owl_lambda: float = 0.08) -> Allocation:
+def allocate(stats: BlockStatistics, method: str, p: float, *, alpha: float = DEFAULT_ALPHA,
+             statistic: str = DEFAULT_STATISTIC, owl_lambda: float = DEFAULT_OWL_LAMBDA) -> Allocation:
     """Dispatch on ``method`` (uniform | owl | dlp). OWL's M is fixed by the statistics (see
     :meth:`BlockStatistics.with_owl_m`)."""
     if method == "uniform":

@@ -31,6 +31,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
+from dlp import bounds
+from dlp.zeroshot import ZERO_SHOT_7
+
 __all__ = [
     "CalibrationSection",
     "DEMO_JOB",
@@ -57,8 +60,6 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEMO_JOB = CONFIG_DIR / "demo.yaml"
 PAPER_JOBS = sorted(CONFIG_DIR.glob("paper-*.yaml"))
 
-#: The paper's seven zero-shot tasks (lm-eval names).
-ZERO_SHOT_7 = ["boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 
 
 class JobError(ValueError):
@@ -84,30 +85,30 @@ class ModelSection(_Section):
 
 class CalibrationSection(_Section):
     source: str = Field("c4", min_length=1, description="'c4', 'wikitext2', or a path to a .jsonl/.txt corpus")
-    nsamples: int = Field(128, ge=1)
-    seqlen: int = Field(2048, ge=8)
+    nsamples: int = Field(128, **bounds.NSAMPLES.field())
+    seqlen: int = Field(2048, **bounds.SEQLEN.field())
     seed: int = 0
 
 
-Alpha = Union[Annotated[float, Field(ge=0.0, le=0.5)], Literal["auto"]]
+Alpha = Union[Annotated[float, Field(**bounds.ALPHA.field())], Literal["auto"]]
 
 
 class AlphaSearchSection(_Section):
     """Settings of ``alpha: auto`` / ``statistic: auto`` (see :func:`dlp.autoalpha.choose_alpha`)."""
 
-    heldout: int | None = Field(None, ge=2, description="held-out calibration windows for the proxy (None: about 4096 tokens)")
-    budget: int | None = Field(None, ge=1, description="screening evaluations (None: 6 for one statistic, 8 for auto)")
+    heldout: int | None = Field(None, **bounds.HELDOUT.field(), description="held-out calibration windows for the proxy (None: about 4096 tokens)")
+    budget: int | None = Field(None, **bounds.BUDGET.field(), description="screening evaluations (None: 6 for one statistic, 8 for auto)")
     confirm: int = Field(2, ge=1, description="SparseGPT: finalists the pruner itself scores (uniform first)")
 
 
 class PruningSection(_Section):
     method: Literal["magnitude", "wanda", "sparsegpt"] = "wanda"
     allocation: Literal["dlp", "owl", "uniform"] = "dlp"
-    sparsity: float = Field(0.7, ge=0.0, lt=1.0)
-    alpha: Alpha = 0.15
-    statistic: Literal["median", "mean", "auto"] = "median"
-    owl_m: float = Field(5.0, gt=0.0)
-    owl_lambda: float = Field(0.08, ge=0.0, le=0.5)
+    sparsity: float = Field(bounds.DEFAULT_SPARSITY, **bounds.SPARSITY.field())
+    alpha: Alpha = bounds.DEFAULT_ALPHA
+    statistic: Literal["median", "mean", "auto"] = bounds.DEFAULT_STATISTIC
+    owl_m: float = Field(bounds.DEFAULT_OWL_M, **bounds.OWL_M.field())
+    owl_lambda: float = Field(bounds.DEFAULT_OWL_LAMBDA, **bounds.OWL_LAMBDA.field())
     pattern: Literal["unstructured", "2:4", "4:8"] = "unstructured"
     mode: Literal["sequential", "oneshot"] = "sequential"
     search: AlphaSearchSection = Field(default_factory=AlphaSearchSection,
@@ -116,8 +117,8 @@ class PruningSection(_Section):
 
 class PerplexitySection(_Section):
     data: str = Field("wikitext2", min_length=1, description="'wikitext2' or a path to a text corpus")
-    seqlen: int = Field(2048, ge=8)
-    max_windows: int | None = Field(None, ge=1, description="evaluate only the first N windows (None: all)")
+    seqlen: int = Field(2048, **bounds.SEQLEN.field())
+    max_windows: int | None = Field(None, **bounds.WINDOWS.field(), description="evaluate only the first N windows (None: all)")
 
 
 ZeroShotTasks = Union[list[str], Literal["zero-shot-7"], None]
@@ -414,31 +415,22 @@ def _unwrap(annotation: Any, metadata: list[Any]) -> tuple[Any, list[Any]]:
 
 
 def _bounds(metadata: list[Any]) -> str:
+    """The field's constraint as text: `` in [0, 0.5)``, `` >= 1``, ... (from its annotated-types metadata)."""
     lo = hi = None
     for m in metadata:
-        if isinstance(m, at.Ge):
-            lo = (m.ge, ">=")
-        elif isinstance(m, at.Gt):
-            lo = (m.gt, ">")
-        elif isinstance(m, at.Le):
-            hi = (m.le, "<=")
-        elif isinstance(m, at.Lt):
-            hi = (m.lt, "<")
-        elif isinstance(m, at.Interval):
-            if m.ge is not None:
-                lo = (m.ge, ">=")
-            if m.gt is not None:
-                lo = (m.gt, ">")
-            if m.le is not None:
-                hi = (m.le, "<=")
-            if m.lt is not None:
-                hi = (m.lt, "<")
+        for name, side, bracket in (("ge", "lo", "["), ("gt", "lo", "("), ("le", "hi", "]"), ("lt", "hi", ")")):
+            value = getattr(m, name, None)
+            if value is not None and isinstance(m, (at.Ge, at.Gt, at.Le, at.Lt, at.Interval)):
+                if side == "lo":
+                    lo = (value, bracket)
+                else:
+                    hi = (value, bracket)
     if lo and hi:
-        return f" between {lo[0]:g} and {hi[0]:g}"
+        return f" in {lo[1]}{lo[0]:g}, {hi[0]:g}{hi[1]}"
     if lo:
-        return f" {lo[1]} {lo[0]:g}"
+        return f" {'>=' if lo[1] == '[' else '>'} {lo[0]:g}"
     if hi:
-        return f" {hi[1]} {hi[0]:g}"
+        return f" {'<=' if hi[1] == ']' else '<'} {hi[0]:g}"
     return ""
 
 

@@ -65,7 +65,7 @@ def test_block_pushed_out_of_range_is_refused_not_clipped():
 
 @pytest.mark.parametrize("p", [0, 1, -0.1, 1.5])
 def test_sparsity_out_of_range(p):
-    with pytest.raises(DLPError, match="strictly between 0 and 1"):
+    with pytest.raises(DLPError, match=r"sparsity must be in \(0, 1\)"):
         alloc.dlp(_stats(), p, 0.1)
 
 

@@ -69,8 +69,8 @@ def test_prune_writes_loadable_checkpoint(capsys, tiny_folder, tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["ratios", "--sparsity", "1.2"], "strictly between 0 and 1"),
-    (["ratios", "--sparsity", "0"], "strictly between 0 and 1"),
+    (["ratios", "--sparsity", "1.2"], "sparsity must be in (0, 1)"),
+    (["ratios", "--sparsity", "0"], "sparsity must be in (0, 1)"),
     (["ratios", "--alpha", "0.6"], "alpha must be in"),
     (["ratios", "--alpha", "lots"], "--alpha must be a number"),
     (["ratios", "--nsamples", "0"], "--nsamples must be a positive integer"),
@@ -126,7 +126,7 @@ def test_installed_entry_point_exit_code():
     proc = subprocess.run(cmd + ["ratios", "--sparsity", "1.5"], capture_output=True, text=True, timeout=120,
                           env={"DLP_DATA_DIR": str(DATA_DIR), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: sparsity must be strictly between 0 and 1 (e.g. 0.7), got 1.5"
+    assert proc.stderr.strip() == "error: sparsity must be in (0, 1) (e.g. 0.7), got 1.5"
 
 
 def test_eval_json_on_tiny_model(capsys, tiny_folder):

@@ -114,9 +114,9 @@ def test_unknown_nested_key(tmp_path):
 
 def test_wrong_type_messages(tmp_path):
     p = _write(tmp_path, "pruning:\n  sparsity: high\n", "x.yaml")
-    assert _err(p) == f"job file {p}: 'pruning.sparsity': expected a number between 0 and 1, got 'high'"
+    assert _err(p) == f"job file {p}: 'pruning.sparsity': expected a number in (0, 1), got 'high'"
     msg = _err(_write(tmp_path, "pruning:\n  sparsity: 1.5\n"))
-    assert "'pruning.sparsity': expected a number between 0 and 1, got 1.5" in msg
+    assert "'pruning.sparsity': expected a number in (0, 1), got 1.5" in msg
     msg = _err(_write(tmp_path, "pruning:\n  method: prune-it\n"))
     assert "'pruning.method': expected one of 'magnitude', 'wanda', 'sparsegpt', got 'prune-it'" in msg
     msg = _err(_write(tmp_path, "calibration:\n  nsamples: lots\n"))
@@ -126,7 +126,7 @@ def test_wrong_type_messages(tmp_path):
     msg = _err(_write(tmp_path, "model:\n  device: tpu\n"))
     assert "'model.device': expected one of 'cpu', 'cuda', got 'tpu'" in msg
     msg = _err(_write(tmp_path, "pruning:\n  alpha: 0.9\n"))
-    assert "'pruning.alpha': expected a number between 0 and 0.5 or 'auto', got 0.9" in msg
+    assert "'pruning.alpha': expected a number in [0, 0.5) or 'auto', got 0.9" in msg
 
 
 def test_several_problems_reported_on_one_line(tmp_path):
@@ -173,7 +173,7 @@ def test_override_errors_are_marked():
     msg = _err(DEMO_JOB, {"pruning.alhpa": 0.2})
     assert "unknown key 'pruning.alhpa' (set by override)" in msg
     msg = _err(DEMO_JOB, {"pruning.sparsity": "high"})
-    assert "'pruning.sparsity' (set by override): expected a number between 0 and 1, got 'high'" in msg
+    assert "'pruning.sparsity' (set by override): expected a number in (0, 1), got 'high'" in msg
     msg = _err(DEMO_JOB, {"pruning.method.x": 1})
     assert "'pruning.method' is 'wanda', not a section" in msg
 
@@ -248,3 +248,43 @@ def test_preflight_workdir_is_a_file(tmp_path):
     with pytest.raises(PreflightError) as e:
         check_workdir(f)
     assert "workdir" in str(e.value) and "\n" not in str(e.value)
+
+
+# -- the schema's bounds are the library's (dlp.bounds): what dlp refuses, the job file refuses at load time
+@pytest.mark.parametrize("key,value", [
+    ("pruning.sparsity", 0.0), ("pruning.sparsity", 1.0), ("pruning.alpha", 0.5), ("pruning.alpha", -0.01),
+    ("pruning.owl_lambda", 0.5), ("pruning.owl_m", 0.0), ("calibration.nsamples", 0), ("calibration.seqlen", 1),
+    ("evaluation.perplexity.seqlen", 1), ("pruning.search.heldout", 1),
+])
+def test_every_value_the_library_refuses_is_refused_by_the_schema(key, value):
+    from dlp import bounds
+    from dlp.errors import DLPError
+
+    rng = {"pruning.sparsity": bounds.SPARSITY, "pruning.alpha": bounds.ALPHA, "pruning.owl_lambda": bounds.OWL_LAMBDA,
+           "pruning.owl_m": bounds.OWL_M, "calibration.nsamples": bounds.NSAMPLES, "calibration.seqlen": bounds.SEQLEN,
+           "evaluation.perplexity.seqlen": bounds.SEQLEN, "pruning.search.heldout": bounds.HELDOUT}[key]
+    with pytest.raises(DLPError):
+        rng.check(value)
+    with pytest.raises(JobError, match=f"'{key}' \\(set by override\\): expected"):
+        load_job(DEMO_JOB, {key: value})
+
+
+@pytest.mark.parametrize("key,value", [("pruning.sparsity", 0.01), ("pruning.sparsity", 0.99), ("pruning.alpha", 0.0),
+                                       ("pruning.alpha", 0.49), ("pruning.owl_lambda", 0.0)])
+def test_values_inside_the_library_bounds_load(key, value):
+    assert load_job(DEMO_JOB, {key: value}) is not None
+
+
+def test_bad_bounds_job_fails_in_one_line_with_exit_2_before_any_stage(tmp_path):
+    """`dlp compress` with alpha 0.5 (outside [0, 0.5)): one line, exit 2, and nothing was fetched or written."""
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    proc = subprocess.run([sys.executable, "-c", "from cli import main; main()", "compress", "--workdir", str(work),
+                           "--set", "pruning.alpha=0.5"], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "'pruning.alpha' (set by override): expected a number in [0, 0.5) or 'auto', got 0.5" in proc.stderr
+    assert not work.exists()

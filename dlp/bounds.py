@@ -1,0 +1,68 @@
+"""The library's bounds and defaults, defined once: the allocation code checks them, and the pipeline's job
+schema derives its field constraints from them, so a value the library would refuse is refused when the job
+is loaded -- before any model is fetched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import DLPError
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric interval; ``lo``/``hi`` None means unbounded on that side, ``*_open`` excludes the end."""
+
+    name: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    why: str = ""
+
+    def contains(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        v = float(value)
+        lo_ok = self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)
+        hi_ok = self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        return lo_ok and hi_ok
+
+    def text(self) -> str:
+        """The interval in the usual notation, e.g. ``(0, 1)`` or ``[0, 0.5)``."""
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        return f"{'(' if self.lo_open or self.lo is None else '['}{lo}, {hi}{')' if self.hi_open or self.hi is None else ']'}"
+
+    def check(self, value: Any) -> None:
+        """Raise :class:`DLPError` (one line naming the range) unless ``value`` lies in it."""
+        if not self.contains(value):
+            why = f" ({self.why})" if self.why else ""
+            raise DLPError(f"{self.name} must be in {self.text()}{why}, got {value}")
+
+    def field(self) -> dict[str, float]:
+        """pydantic ``Field`` keyword arguments (``gt``/``ge``/``lt``/``le``) for this range."""
+        out: dict[str, float] = {}
+        if self.lo is not None:
+            out["gt" if self.lo_open else "ge"] = self.lo
+        if self.hi is not None:
+            out["lt" if self.hi_open else "le"] = self.hi
+        return out
+
+
+SPARSITY = Range("sparsity", 0.0, 1.0, lo_open=True, hi_open=True, why="e.g. 0.7")
+ALPHA = Range("alpha", 0.0, 0.5, hi_open=True, why="max R - min R = 2 alpha")
+OWL_LAMBDA = Range("OWL lambda", 0.0, 0.5, hi_open=True, why="max R - min R = 2 lambda")
+OWL_M = Range("OWL M", 0.0, None, lo_open=True, why="outlier threshold as a multiple of the block mean")
+NSAMPLES = Range("nsamples", 1, None, why="calibration windows")
+SEQLEN = Range("seqlen", 2, None, why="tokens per window; one prediction needs two tokens")
+HELDOUT = Range("held-out windows", 2, None, why="the alpha search's proxy windows")
+BUDGET = Range("search budget", 1, None, why="screening evaluations")
+WINDOWS = Range("max-windows", 1, None, why="evaluation windows")
+
+DEFAULT_SPARSITY = 0.7
+DEFAULT_ALPHA = 0.15
+DEFAULT_STATISTIC = "median"
+DEFAULT_OWL_M = 5.0
+DEFAULT_OWL_LAMBDA = 0.08
