@@ -81,10 +81,11 @@ def _allocation(net, stats, allocation, sparsity, alpha, statistic, owl_m, owl_l
     heldout (count or None), method, pattern, mode, device, batch_size and report (folder for the curve
     JSON + PNG); the search summary lands in the allocation's params under ``alpha_search``."""
     from dlp import allocation as alloc
+    from dlp.recipe import is_auto, statistics_with_owl_m
 
     if allocation == "owl":
-        stats = stats.with_owl_m(net, owl_m)
-    if allocation == "dlp" and (alpha == "auto" or statistic == "auto"):
+        stats = statistics_with_owl_m(stats, net, owl_m)
+    if is_auto(allocation, alpha, statistic):
         from dlp import data
         from dlp.autoalpha import choose_alpha_from_text
 
@@ -173,6 +174,7 @@ def prune(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: s
     from dlp.checkpoint import save_checkpoint
     from dlp.models import resolve_device
     from dlp.pruning import METHODS, MODES, parse_pattern, prune as run_prune
+    from dlp.recipe import needs
     from dlp.statistics import collect_statistics
 
     _set_data_dir(data_dir)
@@ -189,7 +191,7 @@ def prune(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: s
         raise DLPError(f"--out {out} exists and is not empty; choose a new folder")
     net, tok, ref, windows = _prepare(model, revision, dtype, trust_remote_code, calibration, nsamples, seqlen, seed, as_json)
     stats = None
-    if allocation != "uniform" or (method == "wanda" and mode == "oneshot"):
+    if needs(method, mode, allocation).statistics:
         stats = collect_statistics(net, windows, device=device, batch_size=batch_size, owl_m=owl_m)
         auto = {"tok": tok, "calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
                 "windows": windows, "heldout": heldout, "method": method, "pattern": pat, "mode": mode,

@@ -24,13 +24,10 @@ from pipeline.cache import (
     stage_logger,
 )
 from tasks.stage import as_state, stage_task
+from dlp.recipe import needs
 from tasks.statistics import load_statistics, load_windows
 
 CHECKPOINT_WEIGHTS = "model.safetensors"
-
-
-def needs_windows(method: str, mode: str) -> bool:
-    return method != "magnitude" and not (method == "wanda" and mode == "oneshot")
 
 
 def prune_key(model: Mapping[str, Any], calib: Mapping[str, Any], stats: Mapping[str, Any], rates: Mapping[str, Any],
@@ -44,9 +41,10 @@ def prune_key(model: Mapping[str, Any], calib: Mapping[str, Any], stats: Mapping
         "pattern": params["pattern"],
         "mode": mode,
     }
-    if needs_windows(method, mode):
+    need = needs(method, mode)
+    if need.windows:
         ingredients["windows"] = calib["manifest"]["figures"]["fingerprint"]
-    elif method == "wanda":
+    elif need.pruner_statistics:
         ingredients["statistics"] = stats["key"]
     return content_key("prune", **ingredients)
 
@@ -72,8 +70,9 @@ def run_prune(store: Mapping[str, Any], model: Mapping[str, Any], calib: Mapping
         net, tok, _ref = load_model(ModelRef(**model["ref"]), dtype=params["dtype"],
                                     trust_remote_code=params.get("trust_remote_code", False))
         ratios = [float(r) for r in rates["manifest"]["figures"]["ratios"]]
-        windows = load_windows(spec, calib) if needs_windows(method, mode) else None
-        bstats = load_statistics(spec, stats) if (method == "wanda" and mode == "oneshot") else None
+        need = needs(method, mode)
+        windows = load_windows(spec, calib) if need.windows else None
+        bstats = load_statistics(spec, stats) if need.pruner_statistics else None
         hook("prune", "compute")
         logger.info("prune: %s (%s, %s) over %d blocks, mean target %.3f", method, mode, pattern, len(ratios),
                     sum(ratios) / len(ratios))

@@ -40,8 +40,10 @@ from tasks.statistics import load_statistics
 
 
 def is_auto(alloc: Mapping[str, Any]) -> bool:
-    """DLP with ``alpha: auto`` or ``statistic: auto``."""
-    return alloc["allocation"] == "dlp" and (alloc.get("alpha") == "auto" or alloc.get("statistic") == "auto")
+    """DLP with ``alpha: auto`` or ``statistic: auto`` (the rule: :func:`dlp.recipe.is_auto`)."""
+    from dlp.recipe import is_auto as auto
+
+    return auto(alloc["allocation"], alloc.get("alpha"), alloc.get("statistic"))
 
 
 def allocation_params(alloc: Mapping[str, Any]) -> dict[str, Any]:
@@ -210,13 +212,13 @@ def compute_rates(store: Mapping[str, Any], model: Mapping[str, Any], stats: Map
                                               artifact_key.rsplit("/", 1)[0], logger)
         else:
             bs = load_statistics(spec, stats)
-            if params["allocation"] == "owl" and params["owl_m"] != bs.owl_m:
+            if params["allocation"] == "owl":
                 from dlp.models import ModelRef, load_model
+                from dlp.recipe import statistics_with_owl_m
 
-                net, _tok, _ref = load_model(ModelRef(**model["ref"]), dtype=settings["dtype"],
-                                             trust_remote_code=settings.get("trust_remote_code", False))
-                bs = bs.with_owl_m(net, params["owl_m"])
-                del net
+                bs = statistics_with_owl_m(bs, lambda: load_model(
+                    ModelRef(**model["ref"]), dtype=settings["dtype"],
+                    trust_remote_code=settings.get("trust_remote_code", False))[0], params["owl_m"])
             result = allocate(bs, params["allocation"], params["sparsity"], alpha=params.get("alpha", 0.15),
                               statistic=params.get("statistic", "median"), owl_lambda=params.get("owl_lambda", 0.08))
         stat_choice = chosen["statistic"] if chosen else params.get("statistic", "median")

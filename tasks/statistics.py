@@ -30,10 +30,11 @@ from pipeline.cache import (
     stage_logger,
     text_fingerprint,
 )
+from dlp.bounds import DEFAULT_OWL_M
 from tasks.stage import as_state, stage_task
 
-#: Statistics are always collected with this OWL M (the library default); other M values are derived.
-STATS_OWL_M = 5.0
+#: Statistics are always collected with the library's OWL M; other M values are derived (dlp.recipe).
+STATS_OWL_M = DEFAULT_OWL_M
 
 
 # ============================================================================================ calibration

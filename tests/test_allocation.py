@@ -5,6 +5,7 @@ import pytest
 
 from dlp import allocation as alloc
 from dlp.errors import DLPError
+from dlp.statistics import BlockStatistics
 
 
 def _stats(n=30, seed=1):
@@ -82,3 +83,31 @@ def test_alpha_zero_is_uniform():
 def test_unknown_statistic():
     with pytest.raises(DLPError, match="median, mean"):
         alloc.dlp(_stats(), 0.7, 0.1, "max")
+
+
+# -- dlp.recipe: one place decides what each recipe reads
+def test_recipe_needs_per_method_and_mode():
+    from dlp.recipe import needs
+
+    assert needs("magnitude", "sequential") == needs("magnitude", "oneshot")
+    assert not needs("magnitude", "sequential").windows and not needs("magnitude", "oneshot", "uniform").statistics
+    assert needs("magnitude", "oneshot", "dlp").statistics  # the allocation reads them, the pruner does not
+    w1 = needs("wanda", "oneshot")
+    assert (w1.windows, w1.statistics, w1.pruner_statistics, w1.hessian) == (False, True, True, False)
+    ws = needs("wanda", "sequential")
+    assert (ws.windows, ws.statistics, ws.pruner_statistics) == (True, False, False)
+    for mode in ("sequential", "oneshot"):
+        sg = needs("sparsegpt", mode, "owl")
+        assert sg.windows and sg.hessian and sg.statistics and not sg.pruner_statistics
+
+
+def test_owl_m_only_touches_the_model_when_it_differs():
+    from dlp.recipe import is_auto, statistics_with_owl_m
+
+    stats = BlockStatistics({}, [{"median": 1.0, "mean": 1.0, "owl_outlier_ratio": 1.0}], 4, 16, 5.0, {})
+
+    def loader():
+        raise AssertionError("the model must not be loaded for the M the statistics already have")
+
+    assert statistics_with_owl_m(stats, loader, 5.0) is stats
+    assert is_auto("dlp", "auto", "median") and is_auto("dlp", 0.1, "auto") and not is_auto("owl", "auto", "auto")
