@@ -14,6 +14,7 @@ with SIGKILL leaves no server behind (Prefect's own temporary server does).
 from __future__ import annotations
 
 import atexit
+import fcntl
 import importlib.util
 import os
 import signal
@@ -56,6 +57,7 @@ class TemporaryPrefectServer:
         self.proc: subprocess.Popen | None = None
         self._log = None
         self.log_path: Path | None = None  # set by start(), in PREFECT_HOME
+        self._boot_lock = None  # held from start() until healthy: one server at a time migrates the database
 
     @property
     def api_url(self) -> str:
@@ -66,6 +68,10 @@ class TemporaryPrefectServer:
         env.pop("PREFECT_API_URL", None)
         home = Path(os.environ.get("PREFECT_HOME") or tempfile.gettempdir())
         home.mkdir(parents=True, exist_ok=True)
+        # Two commands in one work dir share its Prefect database: the second server waits until the first
+        # has created/migrated it (two concurrent migrations fail with "table ... already exists").
+        self._boot_lock = open(home / ".temporary-server.lock", "w")
+        fcntl.flock(self._boot_lock, fcntl.LOCK_EX)
         self.log_path = home / f"temporary-server-{self.port}.log"  # a file: a full pipe would stall the server
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
@@ -80,7 +86,17 @@ class TemporaryPrefectServer:
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until ``/api/health`` answers 200; a clear error when the child exits or times out."""
-        timeout = timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90"))
+        try:
+            self._wait_healthy(timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
+        finally:
+            self._release_boot_lock()
+
+    def _release_boot_lock(self) -> None:
+        if self._boot_lock is not None:
+            self._boot_lock.close()  # closing the file drops the flock
+            self._boot_lock = None
+
+    def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
@@ -101,6 +117,7 @@ class TemporaryPrefectServer:
     def stop(self, wait: float = 0.0) -> None:
         """SIGTERM (uvicorn shuts down gracefully on its own); ``wait`` > 0 waits that long, then kills. At
         exit the parent does not wait: the command's result is already printed."""
+        self._release_boot_lock()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             if wait > 0:

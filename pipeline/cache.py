@@ -253,8 +253,20 @@ def block_progress(model: Any, stage: str, every_s: float = 5.0) -> Iterator[Non
 
 
 # ============================================================================================ running a stage
-def _manifest_key_for(artifact_key: str) -> str:
-    return manifest_key(artifact_key)
+@contextmanager
+def stage_lock(spec: StoreSpec, stage: str, key: str) -> Iterator[None]:
+    """Exclusive lock on one stage key among the processes sharing a work dir (``<workdir>/locks/``).
+
+    Two overlapping runs of the same job (a schedule and a manual run) then compute each stage once: the
+    second waits, re-reads the manifest and is served from the store. Processes on other machines that share
+    only an S3 store are not serialised; their writes are atomic and identical, so the last one wins."""
+    import fcntl
+
+    folder = Path(spec.workdir).expanduser() / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{stage}-{key[:40]}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 def run_cached(
@@ -268,14 +280,23 @@ def run_cached(
 
     ``compute`` writes the artifact (atomically, through the store) under ``artifact_key`` and returns the
     ``PutResult`` and the manifest figures. The manifest is written last. Returns the stage result
-    ``{"stage", "key", "manifest", "computed"}`` (JSON-able: this is what Prefect persists)."""
+    ``{"stage", "key", "manifest", "computed"}``. A run that finds another process computing the same key
+    (:func:`stage_lock`) waits for it and is then served its result."""
     spec = StoreSpec.of(spec)
     store = spec.open()
-    mkey = _manifest_key_for(artifact_key)
+    mkey = manifest_key(artifact_key)
     m = load_verified(store, mkey, cache_key=key)
-    if m is not None:
-        hook(stage, "hit")
-        return {"stage": stage, "key": key, "manifest": m.model_dump(mode="json"), "computed": False}
+    if m is None:
+        with stage_lock(spec, stage, key):
+            m = load_verified(store, mkey, cache_key=key)
+            if m is None:
+                return _compute(store, stage, key, mkey, compute)
+    hook(stage, "hit")
+    return {"stage": stage, "key": key, "manifest": m.model_dump(mode="json"), "computed": False}
+
+
+def _compute(store: ArtifactStore, stage: str, key: str, mkey: str,
+             compute: Callable[[ArtifactStore], tuple[PutResult, dict[str, Any]]]) -> dict[str, Any]:
     hook(stage, "start")
     t0 = time.perf_counter()
     put, figures = compute(store)

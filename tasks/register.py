@@ -23,7 +23,7 @@ from typing import Any, Mapping
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.cache import StoreSpec, content_key, hook, materialize, retry_on_storage_error, stage_logger
+from pipeline.cache import StoreSpec, content_key, hook, materialize, retry_on_storage_error, stage_lock, stage_logger
 from tasks.rates import chosen_allocation
 
 _REGISTER_LOCK = threading.Lock()  # one registration at a time per process (SQLite registry, fluent MLflow API)
@@ -198,4 +198,6 @@ def register_variant(
 def register_task(store: dict[str, Any], job: dict[str, Any], model: dict[str, Any], calib: dict[str, Any],
                   stats: dict[str, Any], rates: dict[str, Any], prune: dict[str, Any], evaluation: dict[str, Any],
                   baseline: dict[str, Any] | None, stage_seconds: dict[str, float] | None = None) -> dict[str, Any]:
-    return register_variant(store, job, model, calib, stats, rates, prune, evaluation, baseline, stage_seconds)
+    # one registration per variant among overlapping runs in a work dir: the second finds the first's version
+    with stage_lock(StoreSpec.of(store), "register", variant_key(prune, evaluation)):
+        return register_variant(store, job, model, calib, stats, rates, prune, evaluation, baseline, stage_seconds)
