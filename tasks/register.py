@@ -7,18 +7,18 @@ its version. The checkpoint is read from the store (downloaded only when a new v
 
 Logged: params (the full resolved job), metrics (dense and pruned perplexity, achieved sparsity overall and
 per block, per-stage compute seconds, zero-shot accuracies with their delta to the dense model), artifacts
-(per-block sparsity JSON + PNG via log_variant_run, the job YAML, the pipeline manifests), the pruned
-checkpoint (transformers flavor) registered as a new version with lineage tags and the alias moved to it.
+(per-block sparsity JSON + PNG via log_variant_run; ``config/job.yaml``, ``pipeline/manifests.json`` and
+``evaluation/zero_shot.json`` as documents; the alpha search's curve), the pruned checkpoint (transformers
+flavor) registered as a new version with lineage tags and the alias moved to it.
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -33,18 +33,8 @@ def variant_key(prune: Mapping[str, Any], evaluation: Mapping[str, Any]) -> str:
     return content_key("variant", prune=prune["key"], evaluation=evaluation["key"])
 
 
-def variant_metrics(
-    stats: Mapping[str, Any],
-    prune: Mapping[str, Any],
-    evaluation: Mapping[str, Any],
-    baseline: Mapping[str, Any] | None,
-    stage_seconds: Mapping[str, float] | None = None,
-) -> dict[str, float]:
-    pf = prune["manifest"]["figures"]
-    m: dict[str, float] = {
-        "sparsity.achieved": float(pf["achieved_sparsity"]),
-        "sparsity.target": float(sum(pf["target_per_block"]) / len(pf["target_per_block"])),
-    }
+def _ppl_metrics(evaluation: Mapping[str, Any], baseline: Mapping[str, Any] | None) -> dict[str, float]:
+    m: dict[str, float] = {}
     if evaluation.get("ppl") is not None:
         m["ppl.pruned"] = float(evaluation["ppl"])
     if baseline and baseline.get("ppl") is not None:
@@ -52,15 +42,20 @@ def variant_metrics(
         if "ppl.pruned" in m:
             m["ppl.delta"] = m["ppl.pruned"] - m["ppl.dense"]
             m["ppl.ratio"] = m["ppl.pruned"] / m["ppl.dense"]
-    zs = evaluation.get("zero_shot") or {}
-    dense_zs = (baseline or {}).get("zero_shot") or {}
+    return m
+
+
+def _zero_shot_metrics(zs: Mapping[str, Any], dense_zs: Mapping[str, Any]) -> dict[str, float]:
+    """Per-task ``zeroshot.<task>.<acc|acc_norm>`` with ``_dense`` / ``_delta``, and the means with ``_delta``."""
+    m: dict[str, float] = {}
+    dense_tasks = dense_zs.get("tasks") or {}
     for name, t in (zs.get("tasks") or {}).items():
         for metric in ("acc", "acc_norm"):
             v = t.get(metric)
             if v is None:
                 continue
             m[f"zeroshot.{name}.{metric}"] = float(v)
-            d = ((dense_zs.get("tasks") or {}).get(name) or {}).get(metric)
+            d = (dense_tasks.get(name) or {}).get(metric)
             if d is not None:
                 m[f"zeroshot.{name}.{metric}_dense"] = float(d)
                 m[f"zeroshot.{name}.{metric}_delta"] = float(v) - float(d)
@@ -69,6 +64,23 @@ def variant_metrics(
             m[f"zeroshot.{metric}"] = float(zs[metric])
             if dense_zs.get(metric) is not None:
                 m[f"zeroshot.{metric}_delta"] = float(zs[metric]) - float(dense_zs[metric])
+    return m
+
+
+def variant_metrics(
+    prune: Mapping[str, Any],
+    evaluation: Mapping[str, Any],
+    baseline: Mapping[str, Any] | None,
+    stage_seconds: Mapping[str, float | None] | None = None,
+) -> dict[str, float]:
+    """Sparsity, perplexity (pruned, dense, delta, ratio), zero-shot (with deltas to dense), stage seconds."""
+    pf = prune["manifest"]["figures"]
+    m: dict[str, float] = {
+        "sparsity.achieved": float(pf["achieved_sparsity"]),
+        "sparsity.target": float(sum(pf["target_per_block"]) / len(pf["target_per_block"])),
+    }
+    m.update(_ppl_metrics(evaluation, baseline))
+    m.update(_zero_shot_metrics(evaluation.get("zero_shot") or {}, (baseline or {}).get("zero_shot") or {}))
     for stage, secs in (stage_seconds or {}).items():
         if secs is not None:
             m[f"time.{stage}_s"] = float(secs)
@@ -88,6 +100,79 @@ def search_metrics(found: Mapping[str, Any] | None) -> dict[str, float]:
     return m
 
 
+def _figure(stage: Mapping[str, Any], name: str) -> Any:
+    return stage["manifest"]["figures"].get(name)
+
+
+def recorded_stage_seconds(calib: Mapping[str, Any], stats: Mapping[str, Any], rates: Mapping[str, Any],
+                           prune: Mapping[str, Any], evaluation: Mapping[str, Any],
+                           baseline: Mapping[str, Any] | None) -> dict[str, float | None]:
+    """The recorded compute time of each stage's artifact (stable across reruns)."""
+    seconds: dict[str, float | None] = {s["stage"]: _figure(s, "compute_seconds") for s in (calib, stats, rates, prune)}
+    for label, ev in (("evaluate", evaluation), ("baseline", baseline)):
+        if ev:
+            seconds[label] = sum(float(_figure(p, "compute_seconds") or 0.0) for p in ev.get("parts", {}).values())
+    return seconds
+
+
+def variant_lineage(cfg: Any, model: Mapping[str, Any], calib: Mapping[str, Any], rates: Mapping[str, Any],
+                    prune: Mapping[str, Any]) -> dict[str, Any]:
+    """The lineage fields of the variant (tagged ``dlp.<field>`` on its run and version)."""
+    p = cfg.pruning
+    dlp = p.allocation == "dlp"
+    chosen = chosen_allocation(rates)
+    searched = dlp and bool(_figure(rates, "alpha_search"))
+    return {
+        "base_model": model["ref"]["source"],
+        "base_revision": model["ref"].get("revision"),
+        "base_hash": model["ref"]["fingerprint"],
+        "method": p.method,
+        "allocation": p.allocation,
+        "statistic": chosen["statistic"] if dlp else None,
+        "sparsity": p.sparsity,
+        "alpha": chosen["alpha"] if dlp else None,
+        "alpha_requested": p.alpha if searched else None,
+        "statistic_requested": p.statistic if searched else None,
+        "pattern": p.pattern,
+        "calibration_fingerprint": _figure(calib, "fingerprint"),
+        "artifact_uri": prune["manifest"]["uri"],
+    }
+
+
+def variant_documents(cfg: Any, stages: Sequence[Mapping[str, Any]], evaluation: Mapping[str, Any],
+                      baseline: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The job YAML, the pipeline manifests and the zero-shot reports, by artifact file."""
+    manifests: dict[str, Any] = {s["stage"]: s["manifest"] for s in stages if s}
+    manifests["evaluate"] = {k: v["manifest"] for k, v in evaluation.get("parts", {}).items()}
+    if baseline:
+        manifests["baseline"] = {k: v["manifest"] for k, v in baseline.get("parts", {}).items()}
+    docs: dict[str, Any] = {"config/job.yaml": cfg.to_yaml(), "pipeline/manifests.json": manifests}
+    if evaluation.get("zero_shot"):
+        docs["evaluation/zero_shot.json"] = {"pruned": evaluation["zero_shot"],
+                                             "dense": (baseline or {}).get("zero_shot")}
+    return docs
+
+
+def _fetch_alpha_search(spec: StoreSpec, found: Mapping[str, Any], folder: Path) -> Path:
+    """The alpha search's proxy curve (JSON + PNG), copied from the store to ``folder``."""
+    st = spec.open()
+    folder.mkdir(parents=True, exist_ok=True)
+    for part in ("curve_key", "plot_key"):
+        st.get_file(found[part], folder / Path(found[part]).name)
+    return folder
+
+
+def _log_outcome(logger: Any, result: Mapping[str, Any], secs: float) -> bool:
+    computed = not result["reused"]
+    hook("register", "computed" if computed else "hit")
+    if computed:
+        logger.info("register: %s version %s (alias %s) in %.1fs", result["name"], result["version"],
+                    result["alias"], secs)
+    else:
+        logger.info("register: variant already registered as %s version %s", result["name"], result["version"])
+    return computed
+
+
 def register_variant(
     store: Mapping[str, Any],
     job: Mapping[str, Any],
@@ -104,94 +189,37 @@ def register_variant(
     from pipeline import registry
     from pipeline.jobconfig import JobConfig
 
-    spec = StoreSpec.of(store)
-    cfg = JobConfig.model_validate(dict(job))
-    if stage_seconds is None:  # the recorded compute time of each stage's artifact (stable across reruns)
-        stage_seconds = {s["stage"]: s["manifest"]["figures"].get("compute_seconds") for s in (calib, stats, rates, prune)}
-        for label, ev in (("evaluate", evaluation), ("baseline", baseline)):
-            if ev:
-                stage_seconds[label] = sum(float(p["manifest"]["figures"].get("compute_seconds") or 0.0)
-                                           for p in ev.get("parts", {}).values())
-    logger = stage_logger("register")
-    vkey = variant_key(prune, evaluation)
-    name = cfg.registry.model_name
-    workdir = cfg.workdir_path
+    spec, cfg = StoreSpec.of(store), JobConfig.model_validate(dict(job))
+    if stage_seconds is None:
+        stage_seconds = recorded_stage_seconds(calib, stats, rates, prune, evaluation, baseline)
+    vkey, name, workdir = variant_key(prune, evaluation), cfg.registry.model_name, cfg.workdir_path
+    rf, found = rates["manifest"]["figures"], _figure(rates, "alpha_search")
     t0 = time.perf_counter()
-    with _REGISTER_LOCK:
+    with _REGISTER_LOCK, tempfile.TemporaryDirectory(prefix="dlp-register-") as tmp:
         client = registry.get_client(cfg.registry.tracking_uri, workdir)
-        existing = registry.find_version_by_variant_key(name, vkey, client=client)
-        if existing is None:
+        new = registry.find_version_by_variant_key(name, vkey, client=client) is None
+        if new:
             hook("register", "start")
-            ckpt = materialize(spec, prune["manifest"])
-        else:
-            ckpt = workdir  # not read: log_variant_run returns the existing version
-        rf = rates["manifest"]["figures"]
-        pf = prune["manifest"]["figures"]
-        p = cfg.pruning
-        chosen = chosen_allocation(rates)
-        found = rf.get("alpha_search")
-        lineage = {
-            "base_model": model["ref"]["source"],
-            "base_revision": model["ref"].get("revision"),
-            "base_hash": model["ref"]["fingerprint"],
-            "method": p.method,
-            "allocation": p.allocation,
-            "statistic": chosen["statistic"] if p.allocation == "dlp" else None,
-            "sparsity": p.sparsity,
-            "alpha": chosen["alpha"] if p.allocation == "dlp" else None,
-            "alpha_requested": p.alpha if p.allocation == "dlp" and found else None,
-            "statistic_requested": p.statistic if p.allocation == "dlp" and found else None,
-            "pattern": p.pattern,
-            "calibration_fingerprint": calib["manifest"]["figures"]["fingerprint"],
-            "artifact_uri": prune["manifest"]["uri"],
-        }
-        with tempfile.TemporaryDirectory(prefix="dlp-register-") as tmp:
-            (Path(tmp) / "job.yaml").write_text(cfg.to_yaml())
-            manifests = {s["stage"]: s["manifest"] for s in (model, calib, stats, rates, prune) if s}
-            manifests["evaluate"] = {k: v["manifest"] for k, v in evaluation.get("parts", {}).items()}
-            if baseline:
-                manifests["baseline"] = {k: v["manifest"] for k, v in baseline.get("parts", {}).items()}
-            (Path(tmp) / "manifests.json").write_text(json.dumps(manifests, indent=1, sort_keys=True))
-            extra = {"config": Path(tmp) / "job.yaml", "pipeline": Path(tmp) / "manifests.json"}
-            if found:  # the alpha search's proxy curve (JSON + PNG) beside the variant
-                st, folder = spec.open(), Path(tmp) / "alpha_search"
-                folder.mkdir()
-                for part in ("curve_key", "plot_key"):
-                    st.get_file(found[part], folder / Path(found[part]).name)
-                extra["alpha_search"] = folder
-            if evaluation.get("zero_shot"):
-                (Path(tmp) / "zero_shot.json").write_text(json.dumps(
-                    {"pruned": evaluation["zero_shot"], "dense": (baseline or {}).get("zero_shot")}, indent=1))
-                extra["evaluation"] = Path(tmp) / "zero_shot.json"
-            result = registry.log_variant_run(
-                registered_name=name,
-                variant_key=vkey,
-                checkpoint_dir=ckpt,
-                params=cfg.model_dump(mode="json"),
-                metrics={**variant_metrics(stats, prune, evaluation, baseline, stage_seconds), **search_metrics(found)},
-                block_sparsity=pf["achieved_per_block"],
-                block_target=rf["ratios"],
-                block_statistic=rf.get("block_statistic"),
-                statistic_name=rf.get("statistic_name", "block statistic"),
-                lineage=lineage,
-                experiment=cfg.registry.experiment,
-                artifact_location=cfg.registry.artifact_location,
-                run_name=cfg.variant_name(),
-                tracking_uri=cfg.registry.tracking_uri,
-                workdir=workdir,
-                alias=cfg.registry.alias,
-                extra_artifacts=extra,
-                extra_tags={"dlp.job_name": cfg.name} if cfg.name else None,
-            )
+        result = registry.log_variant_run(
+            registered_name=name, variant_key=vkey,
+            checkpoint_dir=materialize(spec, prune["manifest"]) if new else workdir,  # not read when registered
+            params=cfg.model_dump(mode="json"),
+            metrics={**variant_metrics(prune, evaluation, baseline, stage_seconds), **search_metrics(found)},
+            block_sparsity=_figure(prune, "achieved_per_block"), block_target=rf["ratios"],
+            block_statistic=rf.get("block_statistic"), statistic_name=rf.get("statistic_name", "block statistic"),
+            lineage=variant_lineage(cfg, model, calib, rates, prune),
+            experiment=cfg.registry.experiment, artifact_location=cfg.registry.artifact_location,
+            run_name=cfg.variant_name(), tracking_uri=cfg.registry.tracking_uri, workdir=workdir,
+            alias=cfg.registry.alias,
+            documents=variant_documents(cfg, (model, calib, stats, rates, prune), evaluation, baseline),
+            extra_artifacts={"alpha_search": _fetch_alpha_search(spec, found, Path(tmp) / "alpha_search")}
+            if found and new else None,
+            extra_tags={"dlp.job_name": cfg.name} if cfg.name else None,
+        )
     secs = round(time.perf_counter() - t0, 3)
-    computed = not result["reused"]
-    if computed:
-        hook("register", "computed")
-        logger.info("register: %s version %s (alias %s) in %.1fs", result["name"], result["version"], result["alias"], secs)
-    else:
-        hook("register", "hit")
-        logger.info("register: variant already registered as %s version %s", result["name"], result["version"])
-    return {"stage": "register", "key": vkey, "computed": computed, "registered": result, "compute_seconds": secs if computed else 0.0}
+    computed = _log_outcome(stage_logger("register"), result, secs)
+    return {"stage": "register", "key": vkey, "computed": computed, "registered": result,
+            "compute_seconds": secs if computed else 0.0}
 
 
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=3, retry_condition_fn=retry_on_storage_error)

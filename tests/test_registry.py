@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import os
-
 import time
 from pathlib import Path
 
@@ -86,11 +86,16 @@ def test_lineage_tags():
     assert "dlp.alpha" not in tags and tags["dlp.custom"] == "x"
 
 
-def test_plot_sparsity_writes_png(tmp_path):
-    out = reg.plot_sparsity([0.6, 0.7, 0.8], tmp_path / "p" / "s.png", target=[0.6, 0.7, 0.8],
-                            statistic=[1.0, 2.0, 3.0], title="t")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    reg.plot_sparsity([0.7] * 30, tmp_path / "flat.png")  # no target/statistic, constant values
+def test_sparsity_figure_draws_target_achieved_and_statistic(tmp_path):
+    from pipeline.variant_logging import BlockProfile, sparsity_figure
+
+    fig = sparsity_figure(BlockProfile([0.6, 0.7, 0.8], [0.6, 0.7, 0.8], [1.0, 2.0, 3.0], "stat"), title="t")
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["target sparsity", "achieved sparsity", "stat"] and fig.axes[0].get_title() == "t"
+    fig.savefig(tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    flat = sparsity_figure(BlockProfile([0.7] * 30))  # no target/statistic, constant values
+    assert len(flat.axes) == 1 and len(flat.axes[0].get_lines()) == 1
 
 
 def test_ensure_experiment_idempotent(mlflow_tracking, tmp_path):
@@ -106,10 +111,12 @@ def test_ensure_experiment_idempotent(mlflow_tracking, tmp_path):
 
 # --------------------------------------------------------------------------------------------- runs
 def test_log_variant_run_registers_idempotently(mlflow_tracking, tiny_hf_checkpoint, hf_offline):
+    import mlflow
+
     client = reg.get_client()
     assert reg.find_version_by_variant_key("tiny-llama-dlp", "key-1") is None
 
-    first = _log(tiny_hf_checkpoint, "key-1")
+    first = _log(tiny_hf_checkpoint, "key-1", documents={"config/job.yaml": "name: j\n", "pipeline/m.json": {"a": [1]}})
     assert first == {"name": "tiny-llama-dlp", "version": "1", "run_id": first["run_id"],
                      "model_uri": "models:/tiny-llama-dlp/1", "alias": "candidate", "reused": False}
 
@@ -124,12 +131,20 @@ def test_log_variant_run_registers_idempotently(mlflow_tracking, tiny_hf_checkpo
     assert run.data.tags[reg.VARIANT_TAG] == "key-1" and run.data.tags["dlp.method"] == "wanda"
     arts = {a.path for a in client.list_artifacts(first["run_id"], "sparsity")}
     assert arts == {"sparsity/blocks.json", "sparsity/sparsity.png"}
+    blocks = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/sparsity/blocks.json")
+    assert blocks["achieved_sparsity"] == [0.62, 0.78] and blocks["statistic_name"] == "median |W|*||X||"
+    assert mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config/job.yaml") == "name: j\n"
+    assert mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/pipeline/m.json") == {"a": [1]}
 
     # the version: lineage tags, alias
     mv = client.get_model_version("tiny-llama-dlp", "1")
     for k, v in LINEAGE.items():
         assert mv.tags[f"dlp.{k}"] == str(v)
     assert mv.tags[reg.VARIANT_TAG] == "key-1" and mv.run_id == first["run_id"]
+    assert mv.description == "variant-key-1"
+    logged = client.get_logged_model(run.data.tags[reg.MODEL_URI_TAG].removeprefix("models:/"))
+    assert logged.source_run_id == first["run_id"]
+    assert {"name": "tiny-llama-dlp", "version": 1} in json.loads(logged.tags["mlflow.modelVersions"])
     assert str(client.get_model_version_by_alias("tiny-llama-dlp", "candidate").version) == "1"
     assert str(reg.find_version_by_variant_key("tiny-llama-dlp", "key-1").version) == "1"
 
@@ -160,18 +175,18 @@ def test_logged_model_loads_back(mlflow_tracking, tiny_hf_checkpoint, hf_offline
 
 
 def test_crash_after_logging_reuses_the_run(mlflow_tracking, tiny_hf_checkpoint, hf_offline, monkeypatch):
-    from mlflow import MlflowClient
+    import mlflow
 
-    real = MlflowClient.create_model_version
+    real = mlflow.register_model
     calls = {"n": 0}
 
-    def flaky(self, *a, **k):
+    def flaky(*a, **k):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("registry down (simulated)")
-        return real(self, *a, **k)
+        return real(*a, **k)
 
-    monkeypatch.setattr(MlflowClient, "create_model_version", flaky)
+    monkeypatch.setattr(mlflow, "register_model", flaky)
     with pytest.raises(RuntimeError, match="simulated"):
         _log(tiny_hf_checkpoint, "key-crash")
     client = reg.get_client()
@@ -187,6 +202,8 @@ def test_crash_after_logging_reuses_the_run(mlflow_tracking, tiny_hf_checkpoint,
 def test_missing_checkpoint_is_a_clear_error(mlflow_tracking, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         _log(tmp_path / "nope", "key-x")
+    client = reg.get_client()
+    assert client.search_runs([client.get_experiment_by_name("dlp-test").experiment_id]) == []  # no failed run
 
 
 # --------------------------------------------------------------------------------------------- preflight
