@@ -38,7 +38,7 @@ __all__ = ["STAGES", "compress", "search_settings", "resolve_job", "store_spec",
 
 # ============================================================================================ job / store
 def store_spec(cfg) -> StoreSpec:
-    from pipeline.store import resolve_s3_endpoint
+    from pipeline.s3 import resolve_s3_endpoint
 
     uri = cfg.storage_uri
     endpoint = resolve_s3_endpoint(cfg.storage.endpoint_url) if uri.startswith("s3://") else None

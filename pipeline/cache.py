@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from pipeline.manifest import Manifest, load_verified, manifest_key, write_manifest
-from pipeline.store import ArtifactStore, PutResult, StorageError, open_store, sha256_file
+from pipeline.store import ArtifactStore, CorruptArtifact, PutResult, StorageError, hash_dir, open_store, sha256_file
 
 log = logging.getLogger("dlp.pipeline")
 
@@ -315,7 +315,7 @@ def retry_on_storage_error(_task: Any, _task_run: Any, state: Any) -> bool:
         state.result()
     except (StorageError, ConnectionError, TimeoutError):
         return True
-    except Exception as e:  # botocore errors without importing botocore here
+    except Exception as e:  # MLflow's S3 artifact uploads raise botocore errors (the store raises StorageError)
         return type(e).__module__.startswith(("botocore", "urllib3"))
     return False
 
@@ -342,16 +342,12 @@ def materialize(spec: StoreSpec | Mapping[str, Any], manifest: Mapping[str, Any]
     stamp.unlink(missing_ok=True)
     if m.kind == "dir":
         store.get_dir(m.key, target, verify=True)
-        from pipeline.store import hash_dir
-
         got = hash_dir(target).sha256
     else:
         store.get_file(m.key, target)
         got = sha256_file(target)
     if got != m.sha256:
         shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-        from pipeline.store import CorruptArtifact
-
         raise CorruptArtifact(f"{m.uri}: downloaded sha256 {got[:12]} != manifest {m.sha256[:12]}")
     stamp.write_text(m.sha256)
     return target

@@ -14,6 +14,7 @@ naming what is wrong and the setting / environment variable that fixes it.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import shutil
@@ -77,6 +78,27 @@ def _endpoint_source(endpoint_url: str | None, setting: str) -> tuple[str | None
     return None, f"{setting} or AWS_ENDPOINT_URL_S3"
 
 
+def _s3_failure(e: Exception, bucket: str, uri: str, where: str, source: str, aws: bool) -> str:
+    """One line naming what failed and the fix; ``e`` is what s3fs raised (botocore's connection and
+    credential errors pass through it, S3 error codes arrive as OSError subclasses)."""
+    from botocore.exceptions import ConnectionError as EndpointError
+    from botocore.exceptions import HTTPClientError, NoCredentialsError, PartialCredentialsError
+
+    if isinstance(e, (EndpointError, HTTPClientError, TimeoutError)):
+        return f"{where} is unreachable ({type(e).__name__}): check {source}" + (" if you use MinIO/Ceph/moto" if aws else "")
+    if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
+        return (f"no AWS credentials for s3://{bucket} at {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE)")
+    if isinstance(e, FileNotFoundError):
+        return f"S3 bucket '{bucket}' does not exist at {where}: create it or fix the bucket in {uri}"
+    if isinstance(e, PermissionError):
+        return (f"access to S3 bucket '{bucket}' at {where} denied ({_one_line(e)}): check AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY and the bucket policy")
+    if isinstance(e, OSError) and e.errno == errno.EREMCHG:
+        return f"S3 bucket '{bucket}' is in another region ({_one_line(e)}): set AWS_DEFAULT_REGION"
+    return f"S3 bucket '{bucket}' at {where} is not accessible: {_one_line(e)}; check {source}"
+
+
 def check_s3(
     uri: str,
     *,
@@ -88,18 +110,7 @@ def check_s3(
     """``head_bucket`` on the bucket of ``uri`` (s3://bucket/prefix) with a short timeout and no retries.
 
     ``setting`` names the job key that sets the endpoint (used in the error message)."""
-    from botocore.exceptions import (
-        BotoCoreError,
-        ClientError,
-        ConnectionClosedError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        NoCredentialsError,
-        PartialCredentialsError,
-        ReadTimeoutError,
-    )
-
-    from pipeline.store import make_s3_client
+    from pipeline.s3 import s3_filesystem
 
     parsed = urlparse(uri)
     if parsed.scheme != "s3" or not parsed.netloc:
@@ -108,33 +119,9 @@ def check_s3(
     endpoint, source = _endpoint_source(endpoint_url, setting)
     where = f"S3 endpoint {endpoint}" if endpoint else "AWS S3 (no custom endpoint)"
     try:
-        client = make_s3_client(endpoint, region, connect_timeout=timeout, read_timeout=timeout, max_attempts=1)
-        client.head_bucket(Bucket=bucket)
-    except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError) as e:
-        raise PreflightError(
-            f"{where} is unreachable ({_one_line(type(e).__name__)}): check {source}"
-            + ("" if endpoint else " if you use MinIO/Ceph/moto")
-        ) from None
-    except (NoCredentialsError, PartialCredentialsError):
-        raise PreflightError(
-            f"no AWS credentials for s3://{bucket} at {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
-        ) from None
-    except ClientError as e:
-        resp = e.response or {}
-        code = str(resp.get("Error", {}).get("Code", ""))
-        status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if status == 404 or code in ("404", "NoSuchBucket", "NotFound"):
-            raise PreflightError(f"S3 bucket '{bucket}' does not exist at {where}: create it or fix the bucket in {uri}") from None
-        if status in (401, 403) or code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            raise PreflightError(
-                f"access to S3 bucket '{bucket}' at {where} denied ({code or status}): check AWS_ACCESS_KEY_ID / "
-                "AWS_SECRET_ACCESS_KEY and the bucket policy"
-            ) from None
-        if status in (301, 307) or code in ("301", "PermanentRedirect", "AuthorizationHeaderMalformed"):
-            raise PreflightError(f"S3 bucket '{bucket}' is in another region ({code or status}): set AWS_DEFAULT_REGION") from None
-        raise PreflightError(f"S3 bucket '{bucket}' at {where} is not accessible: {_one_line(e)}") from None
-    except (BotoCoreError, ValueError) as e:
-        raise PreflightError(f"{where} / bucket '{bucket}' check failed: {_one_line(e)}; check {source}") from None
+        s3_filesystem(endpoint, region, timeout=timeout, retries=1).call_s3("head_bucket", Bucket=bucket)
+    except Exception as e:
+        raise PreflightError(_s3_failure(e, bucket, uri, where, source, endpoint is None)) from None
     return f"S3 bucket s3://{bucket} reachable at {endpoint or 'AWS'}"
 
 
@@ -215,7 +202,8 @@ def run_preflight(job: "JobConfig", *, timeout: float = DEFAULT_TIMEOUT, registr
         if uri.startswith("s3://"):
             ok.append(check_s3(uri, endpoint_url=job.storage.endpoint_url, region=job.storage.region, timeout=timeout))
         else:
-            from pipeline.store import LocalStore, open_store
+            from pipeline.local import LocalStore
+            from pipeline.store import open_store
 
             store = open_store(uri, workdir=job.workdir, endpoint_url=job.storage.endpoint_url)
             if isinstance(store, LocalStore):

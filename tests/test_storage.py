@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import store as storage_mod
+from pipeline import digests
+from pipeline import s3 as s3_mod
 from pipeline.manifest import Manifest, load_verified, manifest_key, read_manifest, verify, write_manifest
+from pipeline.local import LocalStore
 from pipeline.preflight import PreflightError, check_s3
+from pipeline.s3 import S3Store
 from pipeline.store import (
     COMPLETE_MARKER,
     ArtifactMissing,
     CorruptArtifact,
-    LocalStore,
-    S3Store,
     StorageError,
     dir_digest,
     hash_dir,
@@ -53,12 +54,7 @@ def store(request, tmp_path):
 
 def _raw_put(store, key: str, data: bytes) -> None:
     """Write bytes behind the store's back (simulates corruption / a crashed writer)."""
-    if isinstance(store, LocalStore):
-        p = store.root / key
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    else:
-        store.client.put_object(Bucket=store.bucket, Key=store._obj(key), Body=data)
+    store.fs.pipe_file(store.path(key), data)
 
 
 # --------------------------------------------------------------------------------------------- basics
@@ -96,8 +92,8 @@ def test_open_store_uris(tmp_path, monkeypatch):
 def test_s3_endpoint_from_env(monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3.example:9000")
-    assert storage_mod.resolve_s3_endpoint() == "http://s3.example:9000"
-    assert storage_mod.resolve_s3_endpoint("http://explicit:1") == "http://explicit:1"
+    assert s3_mod.resolve_s3_endpoint() == "http://s3.example:9000"
+    assert s3_mod.resolve_s3_endpoint("http://explicit:1") == "http://explicit:1"
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://generic:2")
     assert S3Store("s3://b/p").endpoint_url == "http://generic:2"
@@ -197,34 +193,41 @@ def test_prefix_without_marker_is_absent(store, tmp_path):
 def test_crash_during_put_dir_leaves_no_complete_artifact(store, tmp_path, monkeypatch):
     src = _make_tree(tmp_path / "src")
     calls = {"n": 0}
+    real = store._put_one
 
-    if isinstance(store, LocalStore):
-        real = storage_mod._copy_hashing
+    def flaky(src, path):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise ConnectionError("network down (simulated)")
+        return real(src, path)
 
-        def flaky(fin, fout):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                fout.write(b"partial")
-                raise OSError("disk full (simulated)")
-            return real(fin, fout)
-
-        monkeypatch.setattr(storage_mod, "_copy_hashing", flaky)
-    else:
-        real = store._upload
-
-        def flaky(local, obj_key):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise ConnectionError("network down (simulated)")
-            return real(local, obj_key)
-
-        monkeypatch.setattr(store, "_upload", flaky)
-
+    monkeypatch.setattr(store, "_put_one", flaky)
     with pytest.raises((OSError, StorageError, ConnectionError)):
         store.put_dir(src, "crash/d")
     assert not store.exists("crash/d")
+    assert store.list_keys("crash") == []  # what the failed write had written is gone
     if isinstance(store, LocalStore):  # no temp debris either
         assert [p.name for p in (store.root / "crash").iterdir()] == []
+
+
+def test_local_crash_mid_file_leaves_no_temp(tmp_path, monkeypatch):
+    store = LocalStore(tmp_path / "store")
+    src = _make_tree(tmp_path / "src")
+    calls = {"n": 0}
+    real = digests.copy_hashing
+
+    def flaky(fin, fout):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            fout.write(b"partial")
+            raise OSError("disk full (simulated)")
+        return real(fin, fout)
+
+    monkeypatch.setattr(digests, "copy_hashing", flaky)
+    with pytest.raises(OSError):
+        store.put_dir(src, "crash/d")
+    assert not store.exists("crash/d")
+    assert [p.name for p in (store.root / "crash").iterdir()] == []
 
 
 def test_local_put_file_is_atomic(tmp_path, monkeypatch):
@@ -237,26 +240,25 @@ def test_local_put_file_is_atomic(tmp_path, monkeypatch):
         fout.write(b"half")
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(storage_mod, "_copy_hashing", broken)
+    monkeypatch.setattr(digests, "copy_hashing", broken)
     with pytest.raises(OSError):
         store.put_file(src, "k/v.bin")
     assert store.read_bytes("k/v.bin") == b"old content"  # old version intact
     assert sorted(p.name for p in (store.root / "k").iterdir()) == ["v.bin"]  # no temp file left
 
 
-def test_s3_rewrite_retracts_marker_first(s3_bucket, tmp_path, monkeypatch):
-    """While a directory artifact is being rewritten on S3, readers see it as absent (not old+new mixed)."""
-    store = S3Store(s3_bucket.prefix_uri("a"), endpoint_url=s3_bucket.endpoint_url)
+def test_rewrite_retracts_marker_first(store, tmp_path, monkeypatch):
+    """While a directory artifact is being rewritten, readers see it as absent (not old+new mixed)."""
     src = _make_tree(tmp_path / "src")
     store.put_dir(src, "d")
     seen = []
-    real = store._upload
+    real = store._put_one
 
-    def spy(local, obj_key):
+    def spy(src, path):
         seen.append(store.exists("d"))
-        return real(local, obj_key)
+        return real(src, path)
 
-    monkeypatch.setattr(store, "_upload", spy)
+    monkeypatch.setattr(store, "_put_one", spy)
     store.put_dir(src, "d")
     assert seen and not any(seen)
     assert store.exists("d")
@@ -368,10 +370,7 @@ def test_shallow_verify_catches_missing_and_resized_files(store, tmp_path, caplo
         assert not verify(store, m, deep=False)
     assert "size changed: sub/x.bin" in caplog.text
     store.put_dir(src, "v/d")
-    if isinstance(store, LocalStore):
-        (store.root / "v/d/config.json").unlink()
-    else:
-        store.client.delete_object(Bucket=store.bucket, Key=store._obj("v/d/config.json"))
+    store.fs.rm_file(store.path("v/d/config.json"))
     with caplog.at_level(logging.WARNING):
         assert not verify(store, m, deep=False)
     assert "missing: config.json" in caplog.text
@@ -390,3 +389,26 @@ def test_preflight_for_a_job_on_s3(s3_bucket, tmp_path, monkeypatch):
                           "storage.endpoint_url": s3_bucket.endpoint_url})
     with pytest.raises(PreflightError, match="absent-bucket"):
         run_preflight(job)
+
+
+def test_s3_listings_see_another_writer(s3_bucket):
+    """s3fs caches listings by default; the store must see objects another process wrote since its last look."""
+    store = S3Store(s3_bucket.prefix_uri("shared"), endpoint_url=s3_bucket.endpoint_url)
+    assert store.list_keys("x") == [] and not store.exists("x/a.json")
+    s3_bucket.client.put_object(Bucket=s3_bucket.name, Key="shared/x/a.json", Body=b"{}")  # another writer
+    assert store.list_keys("x") == ["x/a.json"] and store.exists("x/a.json")
+    assert store.dir_sizes("x") == {"a.json": 2}
+    s3_bucket.client.delete_object(Bucket=s3_bucket.name, Key="shared/x/a.json")
+    assert store.list_keys("x") == [] and not store.exists("x/a.json")
+
+
+def test_s3_failure_is_a_storage_error(monkeypatch):
+    """Any S3 failure but a missing key is a StorageError (the stages retry those), in one line."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    store = S3Store("s3://bucket/p", endpoint_url="http://127.0.0.1:9")
+    monkeypatch.setattr(store.fs, "retries", 1)  # no retries: fail fast
+    with pytest.raises(StorageError) as e:
+        store.write_bytes("k.json", b"{}")
+    assert not isinstance(e.value, ArtifactMissing)
+    assert "\n" not in str(e.value) and "s3://bucket/p/k.json" in str(e.value) and "127.0.0.1:9" in str(e.value)
