@@ -119,12 +119,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = COL
 
 def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | Path, dense_ppl: float | None = None) -> Path:
     """PNG: perplexity vs target sparsity, one line per (method, allocation[, alpha])."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from pipeline.charts import line_chart
 
-    fig = Figure(figsize=(7.0, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
     groups: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         if r.get("ppl") is None:
@@ -132,20 +128,12 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path: str | Path, dense_ppl: f
         alpha = r.get("alpha")
         label = f"{r['method']} / {r['allocation']}" + ("" if alpha is None else f" a={alpha:g}" if isinstance(alpha, float) else f" a={alpha}")
         groups.setdefault(label, []).append((float(r["sparsity"]), float(r["ppl"])))
-    for label, pts in sorted(groups.items()):
-        pts.sort()
-        ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=label, markersize=4)
-    if dense_ppl:
-        ax.axhline(dense_ppl, color="gray", linestyle=":", label=f"dense ({dense_ppl:.2f})")
-    ax.set_xlabel("target sparsity")
-    ax.set_ylabel("perplexity")
+    series = [{"label": label, "x": [x for x, _ in sorted(pts)], "y": [y for _, y in sorted(pts)]}
+              for label, pts in sorted(groups.items())]
     ys = [y for pts in groups.values() for _, y in pts]
-    if ys and min(ys) > 0 and max(ys) / min(ys) > 20:
-        ax.set_yscale("log")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
-    ax.set_title("perplexity vs sparsity per allocation")
-    fig.tight_layout()
+    fig = line_chart(series, title="perplexity vs sparsity per allocation", xlabel="target sparsity",
+                     ylabel="perplexity", log_y=bool(ys) and min(ys) > 0 and max(ys) / min(ys) > 20,
+                     hlines=[(dense_ppl, f"dense ({dense_ppl:.2f})")] if dense_ppl else [], size=(9.0, 4.5))
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")

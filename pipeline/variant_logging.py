@@ -108,13 +108,11 @@ def _batches(items: Mapping[str, Any], size: int) -> Iterator[dict[str, Any]]:
 def sparsity_figure(blocks: BlockProfile, title: str | None = None) -> "Figure":
     """Per-block sparsity (target vs achieved) with the per-block statistic on a second axis.
 
-    A bare :class:`~matplotlib.figure.Figure` on the Agg canvas: no global backend switch, safe in threads."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    A :func:`pipeline.charts.new_figure`: no global backend switch, safe in threads."""
+    from pipeline.charts import new_figure
 
     n = len(blocks.achieved)
-    fig = Figure(figsize=(max(6.0, 0.25 * n + 3), 4.0), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = new_figure(max(6.0, 0.25 * n + 3), 4.0)
     ax = fig.add_subplot(1, 1, 1)
     if blocks.target:
         ax.plot(range(len(blocks.target)), list(blocks.target), "o--", color="tab:blue", label="target sparsity",
