@@ -2,7 +2,8 @@
 
 The project ships task definitions (``dlp/zeroshot/tasks/*.yaml``) that mirror the stock lm-eval tasks
 (same prompts, choices, targets, metrics, output type and version) but read the local evaluation files
-under ``<data_dir>/evalsets/`` (see :mod:`dlp.zeroshot.docs`). ``tasks_source="hub"`` runs the stock
+under ``<data_dir>/evalsets/`` (see :mod:`dlp.zeroshot.docs`). lm-eval's own ``TaskManager(include_path=...)``
+indexes them; the folder reaches their loaders as task metadata (``data_dir``). ``tasks_source="hub"`` runs the stock
 tasks by name instead (needs internet).
 
     from dlp.zeroshot import evaluate_zero_shot
@@ -11,13 +12,10 @@ tasks by name instead (needs internet).
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from ..errors import DLPError
 from . import docs
@@ -29,27 +27,14 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 TASK_SOURCES = ("local", "hub")
 
 __all__ = [
-    "ZERO_SHOT_7", "ALL_TASKS", "TASK_GROUPS", "TASKS_DIR", "evaluate_zero_shot", "resolve_tasks",
-    "task_config", "load_tasks", "evalsets_dir",
+    "ZERO_SHOT_7", "ALL_TASKS", "TASK_GROUPS", "TASKS_DIR", "check_data", "evaluate_zero_shot", "resolve_tasks",
+    "load_tasks", "task_manager", "evalsets_dir",
 ]
 
 evalsets_dir = docs.evalsets_dir
 
 
 # --------------------------------------------------------------------------- task definitions
-class _TaskYamlLoader(yaml.SafeLoader):
-    """SafeLoader plus lm-eval's ``!function module.attr`` tag (resolved by a plain import)."""
-
-
-def _function_tag(loader: yaml.SafeLoader, node: yaml.Node):
-    qual = loader.construct_scalar(node)
-    module, _, attr = str(qual).rpartition(".")
-    return getattr(importlib.import_module(module), attr)
-
-
-_TaskYamlLoader.add_constructor("!function", _function_tag)
-
-
 def resolve_tasks(tasks: list[str] | str, tasks_source: str = "local") -> list[str]:
     """Expand group names ("zero-shot-7", "all") and comma lists into task names, in order, no repeats.
 
@@ -77,16 +62,12 @@ def resolve_tasks(tasks: list[str] | str, tasks_source: str = "local") -> list[s
     return names
 
 
-def task_config(name: str, data_dir: str | Path | None = None) -> dict[str, Any]:
-    """The lm-eval config dict of a shipped task, with its data folder filled in (files checked)."""
-    if name not in ALL_TASKS:
-        raise DLPError(f"unknown task '{name}'; valid tasks: {', '.join(ALL_TASKS)}")
+def check_data(names: list[str], data_dir: str | Path | None = None) -> Path:
+    """The ``evalsets/`` folder, once every file the local tasks ``names`` read is there (else a DLPError)."""
     evalsets = docs.evalsets_dir(data_dir)
-    docs.check_files(name, evalsets)
-    with (TASKS_DIR / f"{name}.yaml").open(encoding="utf-8") as fh:
-        cfg = yaml.load(fh, Loader=_TaskYamlLoader)  # noqa: S506 - our own loader, SafeLoader-based
-    cfg["dataset_kwargs"] = {**(cfg.get("dataset_kwargs") or {}), "data_dir": str(evalsets)}
-    return cfg
+    for name in names:
+        docs.check_files(name, evalsets)
+    return evalsets
 
 
 class _QuietCustomDataset(logging.Filter):
@@ -99,22 +80,23 @@ class _QuietCustomDataset(logging.Filter):
 _QUIET = _QuietCustomDataset()
 
 
-def _task_manager(tasks_source: str):
+def task_manager(evalsets: Path | None):
+    """lm-eval's ``TaskManager``: the shipped task files (``include_path``, no built-in index) whose loaders
+    get ``data_dir`` from the task metadata; ``evalsets=None``: the stock tasks (hub)."""
     from lm_eval.tasks import TaskManager
 
     task_logger = logging.getLogger("lm_eval.api.task")
     if _QUIET not in task_logger.filters:
         task_logger.addFilter(_QUIET)
-
-    # The local tasks are passed as config dicts, so the built-in index (about 6 s to build) is not needed.
-    return TaskManager(include_defaults=(tasks_source == "hub"))
+    if evalsets is None:
+        return TaskManager()
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"data_dir": str(evalsets)})
 
 
 def load_tasks(tasks: list[str] | str, data_dir: str | Path | None = None) -> dict[str, Any]:
     """Build the shipped lm-eval ``Task`` objects (data loaded), keyed by task name."""
     names = resolve_tasks(tasks, "local")
-    configs = [task_config(n, data_dir) for n in names]
-    return _task_manager("local").load(configs)["tasks"]
+    return task_manager(check_data(names, data_dir)).load(names)["tasks"]
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -146,6 +128,50 @@ def _summarise(name: str, raw: dict) -> dict[str, Any]:
     return entry
 
 
+def _check_arguments(limit: Any, batch_size: Any, tasks_source: str) -> None:
+    if tasks_source not in TASK_SOURCES:
+        raise DLPError(f"unknown tasks_source '{tasks_source}'; use 'local' (offline files) or 'hub'")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise DLPError(f"limit must be a positive integer (documents per task) or None for all; got {limit!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise DLPError(f"batch_size must be a positive integer; got {batch_size!r}")
+
+
+def _wrap(model, tokenizer, device: str, batch_size: int):
+    """lm-eval's HFLM around the in-memory model (moved to ``device`` in place, never saved or reloaded)."""
+    from lm_eval.models.huggingface import HFLM
+
+    if device and str(getattr(model, "device", device)) != str(device):
+        model.to(device)
+    model.eval()
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def _simple_evaluate(lm, names: list[str], manager, tasks_source: str, *, seed: int, **options: Any) -> dict | None:
+    """``lm_eval.simple_evaluate`` zero-shot, seeded, without request caches; hub failures as one DLPError."""
+    import lm_eval
+
+    try:
+        return lm_eval.simple_evaluate(
+            model=lm, tasks=names, task_manager=manager, num_fewshot=0, use_cache=None, cache_requests=False,
+            rewrite_requests_cache=False, delete_requests_cache=False, random_seed=seed, numpy_random_seed=seed,
+            torch_random_seed=seed, fewshot_random_seed=seed, **options)
+    except KeyError as exc:  # hub mode: lm-eval does not know a name
+        if tasks_source != "hub":
+            raise
+        raise DLPError(f"lm-eval does not know task {exc}; check the name with `lm_eval ls tasks`") from exc
+    except (ConnectionError, OSError) as exc:
+        if tasks_source != "hub":
+            raise
+        raise DLPError(f"cannot fetch the stock task data from the hub ({type(exc).__name__}: {exc}); check the "
+                       "network, or use tasks_source='local' with DLP_DATA_DIR") from exc
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
 def evaluate_zero_shot(
     model,
     tokenizer,
@@ -172,66 +198,23 @@ def evaluate_zero_shot(
     Returns ``{"tasks": {name: {"acc", "acc_stderr", ["acc_norm", "acc_norm_stderr"], [...], "n_samples",
     "version"}}, "mean_acc", "mean_acc_norm", "harness_version", "limit", "tasks_source", ...}``.
     """
-    if tasks_source not in TASK_SOURCES:
-        raise DLPError(f"unknown tasks_source '{tasks_source}'; use 'local' (offline files) or 'hub'")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
-        raise DLPError(f"limit must be a positive integer (documents per task) or None for all; got {limit!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise DLPError(f"batch_size must be a positive integer; got {batch_size!r}")
+    _check_arguments(limit, batch_size, tasks_source)
     names = resolve_tasks(tasks, tasks_source)
-    specs: list[Any] = [task_config(n, data_dir) for n in names] if tasks_source == "local" else names
-
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-
-    if device and str(getattr(model, "device", device)) != str(device):
-        model.to(device)
-    model.eval()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    manager = _task_manager(tasks_source)
-    try:
-        raw = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=specs,
-            num_fewshot=0,
-            limit=limit,
-            use_cache=None,
-            cache_requests=False,
-            rewrite_requests_cache=False,
-            delete_requests_cache=False,
-            log_samples=log_samples,
-            bootstrap_iters=bootstrap_iters,
-            task_manager=manager,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
-    except KeyError as exc:  # hub mode: lm-eval does not know a name
-        if tasks_source != "hub":
-            raise
-        raise DLPError(f"lm-eval does not know task {exc}; check the name with `lm_eval ls tasks`") from exc
-    except (ConnectionError, OSError) as exc:
-        if tasks_source != "hub":
-            raise
-        raise DLPError(f"cannot fetch the stock task data from the hub ({type(exc).__name__}: {exc}); check the "
-                       "network, or use tasks_source='local' with DLP_DATA_DIR") from exc
+    manager = task_manager(check_data(names, data_dir) if tasks_source == "local" else None)
+    lm = _wrap(model, tokenizer, device, batch_size)
+    raw = _simple_evaluate(lm, names, manager, tasks_source, seed=seed, limit=limit, log_samples=log_samples,
+                           bootstrap_iters=bootstrap_iters)
     if raw is None:  # not rank 0 (never the case for an in-memory model)
         return {}
+    import lm_eval
 
     per_task = {name: _summarise(name, raw) for name in names}
-    accs = [t["acc"] for t in per_task.values() if t.get("acc") is not None]
-    norms = [t["acc_norm"] for t in per_task.values() if t.get("acc_norm") is not None]
     report: dict[str, Any] = {
         "tasks": per_task,
-        "mean_acc": sum(accs) / len(accs) if accs else None,
-        "mean_acc_norm": sum(norms) / len(norms) if norms else None,
-        "harness_version": lm_eval.__version__,
-        "limit": limit,
-        "tasks_source": tasks_source,
-        "num_fewshot": 0,
-        "seed": seed,
-        "batch_size": batch_size,
+        "mean_acc": _mean([t.get("acc") for t in per_task.values()]),
+        "mean_acc_norm": _mean([t.get("acc_norm") for t in per_task.values()]),
+        "harness_version": lm_eval.__version__, "limit": limit, "tasks_source": tasks_source, "num_fewshot": 0,
+        "seed": seed, "batch_size": batch_size,
     }
     if log_samples:
         report["samples"] = _jsonable(raw.get("samples", {}))
