@@ -160,7 +160,7 @@ def models_cmd(
     as_json: bool = JsonOpt,
 ):
     """Table of a registered model's versions: method, allocation, sparsity, perplexity, zero-shot, aliases."""
-    from pipeline.promotion import PromotionError, format_table, load_variants
+    from pipeline.variants import PromotionError, format_table, load_variants
 
     client, _ = _client(tracking_uri, workdir)
     try:

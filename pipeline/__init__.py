@@ -4,10 +4,11 @@
 - :mod:`pipeline.digests`   -- sha256 of files and directory artifacts, the ``_COMPLETE`` table
 - :mod:`pipeline.manifest`  -- per-stage manifests, written last; verified before a cache hit is trusted
 - :mod:`pipeline.cache`     -- content keys and the one cache: a stage runs unless its verified manifest exists
-- :mod:`pipeline.jobconfig` -- the YAML job file (pydantic v2; bounds come from dlp/)
+- :mod:`pipeline.jobconfig` -- the YAML job file (pydantic v2; bounds come from dlp/); jobyaml, jobmessages
 - :mod:`pipeline.registry`  -- MLflow 3 experiment / run / registered-model helpers (idempotent per variant)
-- :mod:`pipeline.promotion` -- the promotion gate and the model table
-- :mod:`pipeline.report`    -- the HTML report
+- :mod:`pipeline.variants`  -- registered versions as Variants, the model table
+- :mod:`pipeline.promotion` -- the promotion gate
+- :mod:`pipeline.report`    -- the HTML report (charts: :mod:`pipeline.charts`)
 - :mod:`pipeline.releases`  -- where new model releases are found (hub, local folders)
 - :mod:`pipeline.preflight` -- cheap checks (S3, MLflow, workdir) before any expensive stage
 

@@ -9,30 +9,26 @@ Every section forbids unknown keys: a typo is an error, never a silently ignored
 Defaults are the paper's (DLP, arXiv 2505.23807): C4 calibration 128 x 2048 tokens, seed 0, alpha 0.15,
 median statistic, 70 % sparsity, WikiText-2 perplexity at seqlen 2048.
 
-YAML note: the loader here reads ``pattern: 2:4`` as the string ``"2:4"`` (plain PyYAML would read YAML 1.1
-sexagesimal ``124``) and ``1e-3`` as a number (plain PyYAML: a string). Duplicate keys are errors.
-
-Use :func:`load_job` (file + dotted overrides) and :func:`parse_overrides` (``["pruning.alpha=0.2"]`` from a CLI).
+Use :func:`load_job` (file + dotted overrides) and :func:`parse_overrides` (``["pruning.alpha=0.2"]`` from a CLI);
+the YAML reading is :mod:`pipeline.jobyaml`, the messages :mod:`pipeline.jobmessages`.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import os
 import re
-import types
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Literal, Mapping, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Mapping, Union
 
-import annotated_types as at
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic.fields import FieldInfo
 
 from dlp import bounds
 from dlp.zeroshot import ZERO_SHOT_7
+from pipeline.jobmessages import JobError, first_problem, show
+from pipeline.jobyaml import apply_overrides, parse_overrides, read_yaml
 
 __all__ = [
     "CalibrationSection",
@@ -59,11 +55,6 @@ __all__ = [
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEMO_JOB = CONFIG_DIR / "demo.yaml"
 PAPER_JOBS = sorted(CONFIG_DIR.glob("paper-*.yaml"))
-
-
-
-class JobError(ValueError):
-    """Invalid job file or override. ``str()`` is one line naming the key and the fix."""
 
 
 # ============================================================================================ schema
@@ -246,119 +237,6 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# ============================================================================================ YAML
-class _JobLoader(yaml.SafeLoader):
-    """SafeLoader without YAML 1.1 sexagesimal numbers ('2:4' stays a string), with '1e-3' as a float and
-    duplicate keys rejected."""
-
-
-_INT = "tag:yaml.org,2002:int"
-_FLOAT = "tag:yaml.org,2002:float"
-_JobLoader.yaml_implicit_resolvers = {
-    ch: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
-    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_JobLoader.add_implicit_resolver(
-    _INT,
-    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*))$"),
-    list("-+0123456789"),
-)
-_JobLoader.add_implicit_resolver(
-    _FLOAT,
-    re.compile(
-        r"^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[eE][-+]?[0-9]+)"
-        r"|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-    ),
-    list("-+0123456789."),
-)
-
-
-def _construct_mapping_no_dups(loader: _JobLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    loader.flatten_mapping(node)
-    seen: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        seen[key] = loader.construct_object(value_node, deep=deep)
-    return seen
-
-
-_JobLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_no_dups)
-
-
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_JobLoader)  # noqa: S506 -- a SafeLoader subclass
-
-
-def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a job YAML file into a dict (JobError on a missing file, bad YAML or a non-mapping document)."""
-    where = f"job file {path}"
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise JobError(f"{where}: not found") from None
-    except OSError as e:
-        raise JobError(f"{where}: cannot read ({e.strerror or e})") from None
-    try:
-        data = _yaml_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        at_line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise JobError(f"{where}: invalid YAML{at_line}: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise JobError(f"{where}: expected a mapping of sections (model, calibration, pruning, ...), got {_show(data)}")
-    return data
-
-
-# ============================================================================================ overrides
-def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """``["pruning.alpha=0.2", "evaluation.zero_shot.tasks=[piqa, boolq]"]`` -> dotted-key dict.
-
-    Values are parsed as YAML scalars/lists (``0.2`` -> float, ``null`` -> None, ``auto`` -> "auto")."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise JobError(f"override {item!r}: expected KEY=VALUE, e.g. pruning.alpha=0.2")
-        key, _, raw = item.partition("=")
-        key = key.strip()
-        if not key:
-            raise JobError(f"override {item!r}: empty key")
-        try:
-            value = _yaml_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        out[key] = value
-    return out
-
-
-def apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Return a copy of data with dotted-key overrides applied (``{"pruning.alpha": 0.2}``).
-
-    Missing intermediate sections are created; unknown keys are left for validation to report."""
-    out = json.loads(json.dumps(data, default=str)) if data else {}
-    for dotted, value in (overrides or {}).items():
-        parts = [p for p in str(dotted).split(".") if p]
-        if not parts:
-            raise JobError(f"override {dotted!r}: empty key")
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            elif not isinstance(nxt, dict):
-                prefix = ".".join(parts[: i + 1])
-                raise JobError(f"override '{dotted}': '{prefix}' is {_show(nxt)}, not a section")
-            node = nxt
-        node[parts[-1]] = value
-    return out
-
-
 # ============================================================================================ loading
 def load_job(path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None) -> JobConfig:
     """Load and validate a job: the YAML file (or built-in defaults when path is None) plus dotted-key
@@ -374,160 +252,17 @@ def load_job_data(
     """Validate a job given as a mapping (the parsed YAML document) plus dotted-key overrides.
     Raises :class:`JobError` (one line, prefixed with ``where``)."""
     if data is not None and not isinstance(data, Mapping):
-        raise JobError(f"{where}: expected a mapping of sections (model, calibration, pruning, ...), got {_show(data)}")
+        raise JobError(f"{where}: expected a mapping of sections (model, calibration, pruning, ...), got {show(data)}")
     merged = apply_overrides(dict(data or {}), overrides)
     try:
         return JobConfig.model_validate(merged)
     except ValidationError as e:
-        msg = _first_problem(e, set(_norm_keys(overrides)), merged)
+        msg = first_problem(e, JobConfig, set(_norm_keys(overrides)), merged)
         raise JobError(f"{where}: {msg}".replace("\n", " ")) from None
 
 
 def _norm_keys(overrides: Mapping[str, Any] | None) -> list[str]:
     return [".".join(p for p in str(k).split(".") if p) for k in (overrides or {})]
-
-
-# ============================================================================================ messages
-def _show(value: Any) -> str:
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, (list, tuple)):
-        r = repr(list(value))
-        return r if len(r) <= 60 else "a list"
-    if value is None:
-        return "null"
-    s = repr(value)
-    return s if len(s) <= 60 else s[:57] + "..."
-
-
-def _unwrap(annotation: Any, metadata: list[Any]) -> tuple[Any, list[Any]]:
-    while get_origin(annotation) is Annotated:
-        base, *extra = get_args(annotation)
-        metadata = list(metadata) + list(extra)
-        annotation = base
-    flat: list[Any] = []
-    for m in metadata:
-        if isinstance(m, FieldInfo):
-            flat.extend(m.metadata)
-        else:
-            flat.append(m)
-    return annotation, flat
-
-
-def _bounds(metadata: list[Any]) -> str:
-    """The field's constraint as text: `` in [0, 0.5)``, `` >= 1``, ... (from its annotated-types metadata)."""
-    lo = hi = None
-    for m in metadata:
-        for name, side, bracket in (("ge", "lo", "["), ("gt", "lo", "("), ("le", "hi", "]"), ("lt", "hi", ")")):
-            value = getattr(m, name, None)
-            if value is not None and isinstance(m, (at.Ge, at.Gt, at.Le, at.Lt, at.Interval)):
-                if side == "lo":
-                    lo = (value, bracket)
-                else:
-                    hi = (value, bracket)
-    if lo and hi:
-        return f" in {lo[1]}{lo[0]:g}, {hi[0]:g}{hi[1]}"
-    if lo:
-        return f" {'>=' if lo[1] == '[' else '>'} {lo[0]:g}"
-    if hi:
-        return f" {'<=' if hi[1] == ']' else '<'} {hi[0]:g}"
-    return ""
-
-
-def _expected(annotation: Any, metadata: list[Any] | None = None) -> str:
-    annotation, metadata = _unwrap(annotation, list(metadata or []))
-    origin = get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        args = get_args(annotation)
-        parts = [_expected(a) for a in args if a is not type(None)]
-        text = " or ".join(parts)
-        return text + " or null" if type(None) in args else text
-    if origin is Literal:
-        vals = get_args(annotation)
-        return repr(vals[0]) if len(vals) == 1 else "one of " + ", ".join(repr(v) for v in vals)
-    if origin in (list, tuple, set):
-        inner = get_args(annotation)
-        what = {str: "strings", int: "integers", float: "numbers"}.get(inner[0] if inner else None, "values")
-        return f"a list of {what}"
-    if annotation is bool:
-        return "true or false"
-    if annotation is int:
-        return "an integer" + _bounds(metadata)
-    if annotation is float:
-        return "a number" + _bounds(metadata)
-    if annotation is str:
-        return "a non-empty string" if any(isinstance(m, at.MinLen) and m.min_length > 0 for m in metadata) else "a string"
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return "a mapping with keys " + ", ".join(sorted(annotation.model_fields))
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def _resolve_loc(loc: tuple[Any, ...]) -> tuple[str, FieldInfo | None, type[BaseModel] | None, bool]:
-    """Map a pydantic error loc to (dotted key, field info, owning model, is_unknown_key)."""
-    model: type[BaseModel] | None = JobConfig
-    parts: list[str] = []
-    info: FieldInfo | None = None
-    owner: type[BaseModel] | None = JobConfig
-    for i, item in enumerate(loc):
-        if model is None:
-            if isinstance(item, int):
-                parts[-1] = f"{parts[-1]}[{item}]"
-            continue  # union tags like 'float' / "literal['auto']"
-        if not isinstance(item, str):
-            break
-        if item not in model.model_fields:
-            return ".".join(parts + [item]), None, model, True
-        parts.append(item)
-        owner = model
-        info = model.model_fields[item]
-        ann, _ = _unwrap(info.annotation, [])
-        args = [a for a in (get_args(ann) or (ann,)) if a is not type(None)]
-        nested = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
-        model = nested[0] if nested and len(args) == 1 else None
-    return ".".join(parts), info, owner, False
-
-
-def _lookup(data: Any, dotted: str) -> tuple[bool, Any]:
-    node = data
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
-
-
-def _first_problem(err: ValidationError, override_keys: set[str], data: Mapping[str, Any] | None = None) -> str:
-    """One line for the first offending key (unknown keys first), plus a count of the others."""
-    errors = err.errors(include_url=False)
-    described: dict[str, str] = {}
-    unknown_keys: list[str] = []
-    for e in errors:
-        key, info, owner, unknown = _resolve_loc(tuple(e.get("loc", ())))
-        key = key.split("[", 1)[0]  # a bad list item is reported on its field, with the whole value
-        if key in described:
-            continue
-        from_override = key in override_keys or any(k.startswith(key + ".") for k in override_keys)
-        source = " (set by override)" if from_override else ""
-        if unknown or e.get("type") == "extra_forbidden":
-            unknown_keys.append(key)
-            name = key.rsplit(".", 1)[-1]
-            valid = sorted(owner.model_fields) if owner is not None else []
-            close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-            hint = f" -- did you mean '{close[0]}'?" if close else ""
-            described[key] = f"unknown key '{key}'{source}{hint} (valid: {', '.join(valid)})"
-        elif e.get("type") == "missing":
-            described[key] = f"'{key}' is required{source}"
-        elif info is not None:
-            expected = _expected(info.annotation, list(info.metadata))
-            found, value = _lookup(data, key) if data is not None else (False, None)
-            described[key] = f"'{key}'{source}: expected {expected}, got {_show(value if found else e.get('input'))}"
-        else:
-            described[key] = f"'{key or '(top level)'}'{source}: {e.get('msg', 'invalid value')}"
-    keys = unknown_keys + [k for k in described if k not in unknown_keys]
-    msg = described[keys[0]]
-    if len(keys) > 1:
-        msg += f" (and {len(keys) - 1} more: {', '.join(repr(k) for k in keys[1:4])}{', ...' if len(keys) > 4 else ''})"
-    return msg
 
 
 def resolve_job(job: Mapping[str, Any] | None = None, job_file: str | os.PathLike[str] | None = None,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from pipeline import registry as reg
 from pipeline.charts import line_chart, svg_markup
-from pipeline.promotion import CHAMPION_ALIAS, TABLE_COLUMNS, Variant, load_variants, table_rows
+from pipeline.variants import CHAMPION_ALIAS, TABLE_COLUMNS, Variant, load_variants, table_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow import MlflowClient
@@ -237,7 +237,7 @@ def build_report(
     """Write the report of registered model ``name`` to ``out`` (default ``<workdir>/reports/<name>.html``),
     log it to MLflow and publish a Prefect artifact (when inside a run). Returns
     ``{"path", "versions", "mlflow_run_id", "artifact_uri", "prefect_artifact"}``.
-    Raises :class:`pipeline.promotion.PromotionError` when the model is unknown."""
+    Raises :class:`pipeline.variants.PromotionError` when the model is unknown."""
     uri = reg.resolve_tracking_uri(tracking_uri, workdir)
     client = client or reg.get_client(uri, workdir)
     variants = load_variants(name, client=client)
