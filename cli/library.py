@@ -148,11 +148,17 @@ def ratios(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: 
         for i, (r, b) in enumerate(zip(result.ratios, stats.blocks)):
             typer.echo(f"{i:>5} {r:>9.4f} {b['mean']:>10.5f} {b['median']:>10.5f} {b['owl_outlier_ratio']:>7.3f}")
         typer.echo(f"mean {sum(result.ratios) / len(result.ratios):.4f}  range {max(result.ratios) - min(result.ratios):.4f}")
-        if "alpha_search" in result.params:
-            info = result.params["alpha_search"]
-            typer.echo(f"auto: alpha {info['alpha']:.4f} ({info['statistic']}), proxy {info['proxy']:.2f} vs uniform "
-                       f"{'-' if info['uniform_proxy'] is None else round(info['uniform_proxy'], 2)}, {info['cost']['evaluations']} proxy evaluations in "
-                       f"{info['cost']['seconds']:.1f}s; curve: {info['curve_json']}, {info['curve_png']}")
+        _echo_alpha_search(result.params)
+
+
+def _echo_alpha_search(params: dict) -> None:
+    """One line about the automatic alpha choice, when the allocation made one."""
+    info = params.get("alpha_search")
+    if info:
+        uniform = "-" if info["uniform_proxy"] is None else round(info["uniform_proxy"], 2)
+        typer.echo(f"auto: alpha {info['alpha']:.4f} ({info['statistic']}), proxy {info['proxy']:.2f} vs uniform "
+                   f"{uniform}, {info['cost']['evaluations']} proxy evaluations in {info['cost']['seconds']:.1f}s; "
+                   f"curve: {info['curve_json']}, {info['curve_png']}")
 
 
 @app.command()
@@ -211,11 +217,7 @@ def prune(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: s
     else:
         typer.echo(f"pruned {ref.source} with {method} ({mode}, {pat}) at {allocation}: achieved sparsity "
                    f"{report.overall:.4f}; checkpoint in {out}")
-        if "alpha_search" in result.params:
-            info = result.params["alpha_search"]
-            typer.echo(f"auto: alpha {info['alpha']:.4f} ({info['statistic']}), proxy {info['proxy']:.2f} vs uniform "
-                       f"{'-' if info['uniform_proxy'] is None else round(info['uniform_proxy'], 2)}, {info['cost']['evaluations']} proxy evaluations in "
-                       f"{info['cost']['seconds']:.1f}s; curve: {info['curve_json']}, {info['curve_png']}")
+        _echo_alpha_search(result.params)
 
 
 @app.command()

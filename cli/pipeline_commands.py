@@ -205,101 +205,108 @@ def _split(text: Optional[str], conv=str) -> Optional[list]:
         raise DLPError(f"cannot read {text!r} as a comma-separated list of numbers") from None
 
 
+def _start(cfg):
+    """Prefect defaults, then the temporary server (it boots on the other core while the checks run)."""
+    _prefect_env(cfg)
+    return start_if_needed()
+
+
+def _ready(server) -> None:
+    if server is not None:
+        _preimport()
+        server.wait()
+
+
+def compress_command(
+    config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+    model: Optional[str] = ModelOpt,
+    revision: Optional[str] = RevisionOpt,
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="pruning.sparsity (target mean sparsity)"),
+    alpha: Optional[str] = typer.Option(None, "--alpha", help="pruning.alpha (DLP): a number such as 0.15, or auto"),
+    statistic: Optional[str] = typer.Option(None, "--statistic", help="pruning.statistic (DLP): median | mean | auto"),
+    method: Optional[str] = typer.Option(None, "--method", help="pruning.method: wanda | sparsegpt | magnitude"),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="pruning.allocation: dlp | owl | uniform"),
+    workdir: Optional[str] = WorkdirOpt,
+    storage: Optional[str] = StorageOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Run the compression pipeline (statistics -> rates -> prune -> evaluate -> register); resumable.
+
+    With no arguments: the offline demo (SmolLM2-135M, Wanda at 70% with DLP rates)."""
+
+    def go():
+        cfg = _load(config, sets, **{"model.source": model, "model.revision": revision, "pruning.sparsity": sparsity,
+                                     "pruning.alpha": _alpha(alpha), "pruning.statistic": statistic,
+                                     "pruning.method": method, "pruning.allocation": allocation,
+                                     "workdir": workdir, "storage.uri": storage})
+        server = _start(cfg)
+        _preflight(cfg)
+        from flows.compress import compress as compress_flow
+
+        _ready(server)
+        summary = compress_flow(job=cfg.model_dump(mode="json"))
+        typer.echo(json.dumps(summary, default=str) if as_json else format_summary(summary))
+
+    _run_guarded(go)
+
+
+def _print_sweep(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(result, default=str))
+    else:
+        typer.echo(result["table"])
+        typer.echo(f"\ndense perplexity: {_fmt(result['dense_ppl'])}; sweep logged to MLflow run {result['sweep_run_id']}")
+        for s in result["variants"]:
+            typer.echo(f"  {s['variant']}: {s['alias_uri'].split('@')[0]}/{s['version']}")
+    if result["failed"]:
+        typer.echo(f"error: {len(result['failed'])} variant(s) failed: "
+                   + "; ".join(f"{f['variant']}: {f['error']}" for f in result["failed"]), err=True)
+        raise typer.Exit(1)
+
+
+def sweep_command(
+    config: Optional[Path] = ConfigOpt,
+    sets: Optional[list[str]] = SetOpt,
+    methods: Optional[str] = typer.Option(None, "--methods", help="comma list, e.g. wanda,sparsegpt"),
+    allocations: Optional[str] = typer.Option(None, "--allocations", help="comma list, e.g. uniform,owl,dlp"),
+    sparsities: Optional[str] = typer.Option(None, "--sparsities", help="comma list, e.g. 0.6,0.7"),
+    alphas: Optional[str] = typer.Option(None, "--alphas", help="comma list of DLP alphas, e.g. 0,0.15,auto"),
+    model: Optional[str] = ModelOpt,
+    workdir: Optional[str] = WorkdirOpt,
+    storage: Optional[str] = StorageOpt,
+    workers: int = typer.Option(2, "--workers", help="variants run concurrently (thread pool / dask threads)"),
+    dask: bool = typer.Option(False, "--dask", help="fan out through prefect_dask.DaskTaskRunner (local cluster)"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Statistics once, then every method x allocation x sparsity (x alpha) variant; comparison table + plot."""
+
+    def go():
+        cfg = _load(config, sets, **{"model.source": model, "workdir": workdir, "storage.uri": storage})
+        axes = dict(methods=_split(methods), allocations=_split(allocations), sparsities=_split(sparsities, float),
+                    alphas=_split(alphas, _alpha))
+        if workers < 1:
+            _die("--workers must be at least 1")
+        server = _start(cfg)  # before anything imports prefect
+        from pipeline.stage_inputs import expand_variants
+
+        expand_variants(cfg, **axes)  # validate every variant before anything runs
+        _preflight(cfg)
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        from flows.sweep import dask_runner, sweep as sweep_flow
+
+        runner = dask_runner(workers=1, threads=workers) if dask else ThreadPoolTaskRunner(max_workers=workers)
+        _ready(server)
+        _print_sweep(sweep_flow.with_options(task_runner=runner)(job=cfg.model_dump(mode="json"), **axes), as_json)
+
+    _run_guarded(go)
+
+
 def register(app: typer.Typer) -> None:
     """Add ``compress`` and ``sweep`` to the app (idempotent)."""
     existing = {c.name or (c.callback.__name__ if c.callback else None) for c in app.registered_commands}
-
-    def compress(
-        config: Optional[Path] = ConfigOpt,
-        sets: Optional[list[str]] = SetOpt,
-        model: Optional[str] = ModelOpt,
-        revision: Optional[str] = RevisionOpt,
-        sparsity: Optional[float] = typer.Option(None, "--sparsity", help="pruning.sparsity (target mean sparsity)"),
-        alpha: Optional[str] = typer.Option(None, "--alpha", help="pruning.alpha (DLP): a number such as 0.15, or auto"),
-        statistic: Optional[str] = typer.Option(None, "--statistic", help="pruning.statistic (DLP): median | mean | auto"),
-        method: Optional[str] = typer.Option(None, "--method", help="pruning.method: wanda | sparsegpt | magnitude"),
-        allocation: Optional[str] = typer.Option(None, "--allocation", help="pruning.allocation: dlp | owl | uniform"),
-        workdir: Optional[str] = WorkdirOpt,
-        storage: Optional[str] = StorageOpt,
-        as_json: bool = JsonOpt,
-    ) -> None:
-        """Run the compression pipeline (statistics -> rates -> prune -> evaluate -> register); resumable.
-
-        With no arguments: the offline demo (SmolLM2-135M, Wanda at 70% with DLP rates)."""
-
-        def go():
-            cfg = _load(config, sets, **{"model.source": model, "model.revision": revision, "pruning.sparsity": sparsity,
-                                         "pruning.alpha": _alpha(alpha), "pruning.statistic": statistic,
-                                         "pruning.method": method, "pruning.allocation": allocation,
-                                         "workdir": workdir, "storage.uri": storage})
-            _prefect_env(cfg)
-            server = start_if_needed()  # boots on the other core while the checks and imports run
-            _preflight(cfg)
-            from flows.compress import compress as compress_flow
-
-            if server is not None:
-                _preimport()
-                server.wait()
-            summary = compress_flow(job=cfg.model_dump(mode="json"))
-            if as_json:
-                typer.echo(json.dumps(summary, default=str))
-            else:
-                typer.echo(format_summary(summary))
-
-        _run_guarded(go)
-
-    def sweep(
-        config: Optional[Path] = ConfigOpt,
-        sets: Optional[list[str]] = SetOpt,
-        methods: Optional[str] = typer.Option(None, "--methods", help="comma list, e.g. wanda,sparsegpt"),
-        allocations: Optional[str] = typer.Option(None, "--allocations", help="comma list, e.g. uniform,owl,dlp"),
-        sparsities: Optional[str] = typer.Option(None, "--sparsities", help="comma list, e.g. 0.6,0.7"),
-        alphas: Optional[str] = typer.Option(None, "--alphas", help="comma list of DLP alphas, e.g. 0,0.15,auto"),
-        model: Optional[str] = ModelOpt,
-        workdir: Optional[str] = WorkdirOpt,
-        storage: Optional[str] = StorageOpt,
-        workers: int = typer.Option(2, "--workers", help="variants run concurrently (thread pool / dask threads)"),
-        dask: bool = typer.Option(False, "--dask", help="fan out through prefect_dask.DaskTaskRunner (local cluster)"),
-        as_json: bool = JsonOpt,
-    ) -> None:
-        """Statistics once, then every method x allocation x sparsity (x alpha) variant; comparison table + plot."""
-
-        def go():
-            cfg = _load(config, sets, **{"model.source": model, "workdir": workdir, "storage.uri": storage})
-            axes = dict(methods=_split(methods), allocations=_split(allocations), sparsities=_split(sparsities, float),
-                        alphas=_split(alphas, _alpha))
-            if workers < 1:
-                _die("--workers must be at least 1")
-            _prefect_env(cfg)  # before anything imports prefect
-            server = start_if_needed()
-            from flows.sweep import expand_variants
-
-            expand_variants(cfg, **axes)  # validate every variant before anything runs
-            _preflight(cfg)
-            from prefect.task_runners import ThreadPoolTaskRunner
-
-            from flows.sweep import dask_runner, sweep as sweep_flow
-
-            runner = dask_runner(workers=1, threads=workers) if dask else ThreadPoolTaskRunner(max_workers=workers)
-            if server is not None:
-                _preimport()
-                server.wait()
-            result = sweep_flow.with_options(task_runner=runner)(job=cfg.model_dump(mode="json"), **axes)
-            if as_json:
-                typer.echo(json.dumps(result, default=str))
-            else:
-                typer.echo(result["table"])
-                typer.echo(f"\ndense perplexity: {_fmt(result['dense_ppl'])}; sweep logged to MLflow run {result['sweep_run_id']}")
-                for s in result["variants"]:
-                    typer.echo(f"  {s['variant']}: {s['alias_uri'].split('@')[0]}/{s['version']}")
-            if result["failed"]:
-                typer.echo(f"error: {len(result['failed'])} variant(s) failed: "
-                           + "; ".join(f"{f['variant']}: {f['error']}" for f in result["failed"]), err=True)
-                raise typer.Exit(1)
-
-        _run_guarded(go)
-
     if "compress" not in existing:
-        app.command("compress")(compress)
+        app.command("compress")(compress_command)
     if "sweep" not in existing:
-        app.command("sweep")(sweep)
+        app.command("sweep")(sweep_command)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from pipeline.manifest import Manifest, load_verified, manifest_key, write_manifest
+from pipeline.results import StageResult
 from pipeline.store import ArtifactStore, CorruptArtifact, PutResult, StorageError, hash_dir, open_store, sha256_file
 
 log = logging.getLogger("dlp.pipeline")
@@ -275,12 +276,12 @@ def run_cached(
     key: str,
     artifact_key: str,
     compute: Callable[[ArtifactStore], tuple[PutResult, dict[str, Any]]],
-) -> dict[str, Any]:
+) -> StageResult:
     """Return the stage's verified manifest from the store, or run ``compute(store)`` and record it.
 
     ``compute`` writes the artifact (atomically, through the store) under ``artifact_key`` and returns the
-    ``PutResult`` and the manifest figures. The manifest is written last. Returns the stage result
-    ``{"stage", "key", "manifest", "computed"}``. A run that finds another process computing the same key
+    ``PutResult`` and the manifest figures. The manifest is written last. Returns the
+    :class:`~pipeline.results.StageResult` (each stage types it: ``.typed(...)``). A run that finds another process computing the same key
     (:func:`stage_lock`) waits for it and is then served its result."""
     spec = StoreSpec.of(spec)
     store = spec.open()
@@ -292,11 +293,11 @@ def run_cached(
             if m is None:
                 return _compute(store, stage, key, mkey, compute)
     hook(stage, "hit")
-    return {"stage": stage, "key": key, "manifest": m.model_dump(mode="json"), "computed": False}
+    return StageResult(stage=stage, key=key, manifest=m, computed=False)
 
 
 def _compute(store: ArtifactStore, stage: str, key: str, mkey: str,
-             compute: Callable[[ArtifactStore], tuple[PutResult, dict[str, Any]]]) -> dict[str, Any]:
+             compute: Callable[[ArtifactStore], tuple[PutResult, dict[str, Any]]]) -> StageResult:
     hook(stage, "start")
     t0 = time.perf_counter()
     put, figures = compute(store)
@@ -306,7 +307,8 @@ def _compute(store: ArtifactStore, stage: str, key: str, mkey: str,
     m = Manifest.from_put(stage, put, cache_key=key, figures=figures)
     write_manifest(store, mkey, m)
     hook(stage, "computed")
-    return {"stage": stage, "key": key, "manifest": m.model_dump(mode="json"), "computed": True}
+    return StageResult(stage=stage, key=key, manifest=m, computed=True,
+                       compute_seconds=float(figures.get("compute_seconds") or 0.0))
 
 
 def retry_on_storage_error(_task: Any, _task_run: Any, state: Any) -> bool:

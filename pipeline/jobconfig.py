@@ -193,8 +193,10 @@ class JobConfig(_Section):
         return "-".join(parts)
 
     def flat_params(self) -> dict[str, str]:
-        """Flat ``{"pruning.alpha": "0.15", ...}`` view of the resolved config (MLflow params)."""
-        return {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in _flatten(self.model_dump(mode="json")).items()}
+        """Flat ``{"pruning.alpha": "0.15", ...}`` view of the resolved config: the variant run's MLflow params."""
+        from pipeline.variant_logging import flat_params
+
+        return flat_params(self.model_dump(mode="json"))
 
     def section_hash(self, *paths: str) -> str:
         """sha256 of the canonical JSON of the given dotted sections (e.g. ``"model", "calibration"``):
@@ -224,17 +226,6 @@ def derive_model_name(source: str) -> str:
         base = base[: -len(".gguf")]
     base = re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-.") or "model"
     return f"{base}-dlp"
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 # ============================================================================================ loading

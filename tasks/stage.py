@@ -7,13 +7,14 @@ hit), so the UI and ``prefect task-run ls`` tell served stages from computed one
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Callable
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 
 from pipeline.cache import retry_on_storage_error
+from pipeline.results import StageResult
 
 __all__ = ["stage_task", "as_state"]
 
@@ -24,8 +25,8 @@ def stage_task(name: str, *, retries: int = 2, retry_delay_seconds: float = 2) -
                 retry_condition_fn=retry_on_storage_error)
 
 
-def as_state(result: Mapping[str, Any]) -> State:
+def as_state(result: StageResult) -> State:
     """The stage's final state: ``Cached`` when the store served it, ``Completed`` when it computed."""
-    if result.get("computed", True):
+    if result.computed:
         return Completed(data=result)
     return Completed(data=result, name="Cached", message="served from the artifact store (verified manifest)")

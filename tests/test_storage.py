@@ -190,18 +190,23 @@ def test_prefix_without_marker_is_absent(store, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_crash_during_put_dir_leaves_no_complete_artifact(store, tmp_path, monkeypatch):
-    src = _make_tree(tmp_path / "src")
+def _fail_third_call(monkeypatch, owner, name: str, error: Exception, partial: bool = False) -> None:
+    """Make ``owner.name`` raise ``error`` on its third call (after writing b"partial" to its output)."""
     calls = {"n": 0}
-    real = store._put_one
+    real = getattr(owner, name)
 
-    def flaky(src, path):
+    def flaky(*args):
         calls["n"] += 1
         if calls["n"] == 3:
-            raise ConnectionError("network down (simulated)")
-        return real(src, path)
+            if partial:
+                args[1].write(b"partial")
+            raise error
+        return real(*args)
 
-    monkeypatch.setattr(store, "_put_one", flaky)
+    monkeypatch.setattr(owner, name, flaky)
+
+
+def _assert_crash_left_nothing(store, src) -> None:
     with pytest.raises((OSError, StorageError, ConnectionError)):
         store.put_dir(src, "crash/d")
     assert not store.exists("crash/d")
@@ -210,24 +215,16 @@ def test_crash_during_put_dir_leaves_no_complete_artifact(store, tmp_path, monke
         assert [p.name for p in (store.root / "crash").iterdir()] == []
 
 
-def test_local_crash_mid_file_leaves_no_temp(tmp_path, monkeypatch):
-    store = LocalStore(tmp_path / "store")
-    src = _make_tree(tmp_path / "src")
-    calls = {"n": 0}
-    real = digests.copy_hashing
+def test_crash_during_put_dir_leaves_no_complete_artifact(store, tmp_path, monkeypatch):
+    """The third object fails to upload / write."""
+    _fail_third_call(monkeypatch, store, "_put_one", ConnectionError("network down (simulated)"))
+    _assert_crash_left_nothing(store, _make_tree(tmp_path / "src"))
 
-    def flaky(fin, fout):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            fout.write(b"partial")
-            raise OSError("disk full (simulated)")
-        return real(fin, fout)
 
-    monkeypatch.setattr(digests, "copy_hashing", flaky)
-    with pytest.raises(OSError):
-        store.put_dir(src, "crash/d")
-    assert not store.exists("crash/d")
-    assert [p.name for p in (store.root / "crash").iterdir()] == []
+def test_local_disk_full_mid_file_leaves_no_temp(tmp_path, monkeypatch):
+    """The disk fills up in the middle of the third file (S3 objects are uploaded whole)."""
+    _fail_third_call(monkeypatch, digests, "copy_hashing", OSError("disk full (simulated)"), partial=True)
+    _assert_crash_left_nothing(LocalStore(tmp_path / "store"), _make_tree(tmp_path / "src"))
 
 
 def test_local_put_file_is_atomic(tmp_path, monkeypatch):

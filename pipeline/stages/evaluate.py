@@ -1,0 +1,234 @@
+"""Stage 5 -- evaluate a model: WikiText-2 perplexity and (when configured) zero-shot accuracy.
+
+One implementation serves the dense baseline (stage ``baseline``: the base model, cached once per base
+model + evaluation settings, shared by every variant) and the pruned variant (stage ``evaluate``).
+Perplexity and zero-shot are cached separately (``eval/perplexity/<key>.json``, ``eval/zero_shot/<key>.json``),
+so adding zero-shot tasks never recomputes a perplexity. Keys:
+
+- perplexity: the target (``dense``: model fingerprint + dtype; ``pruned``: the prune key + dtype), the
+  evaluation text's content hash, the tokenizer hash, seqlen, max_windows;
+- zero-shot: the target, the resolved task list, limit, the evaluation files' content hash and the lm-eval
+  version.
+
+Thin over :func:`dlp.perplexity.perplexity` and :func:`dlp.zeroshot.evaluate_zero_shot` (imported lazily).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.cache import (
+    StoreSpec,
+    content_key,
+    file_set_fingerprint,
+    hook,
+    json_put,
+    materialize,
+    read_json_artifact,
+    run_cached,
+    stage_logger,
+    text_fingerprint,
+)
+from pipeline.results import EvaluationResult, StageResult
+
+
+# ============================================================================================ settings
+def evaluation_spec(job: Any) -> dict[str, Any]:
+    """The evaluation settings of a :class:`pipeline.jobconfig.JobConfig`, with the content hashes of the
+    evaluation data filled in (cheap: reads and hashes the text / evaluation files, no tokenizing)."""
+    from dlp import data
+
+    ev = job.evaluation
+    spec: dict[str, Any] = {
+        "dtype": job.model.dtype,
+        "device": job.model.device,
+        "trust_remote_code": job.model.trust_remote_code,
+        "data_dir": job.data_dir,
+        "perplexity": None,
+        "zero_shot": None,
+    }
+    if ev.perplexity is not None:
+        text = data.load_text(ev.perplexity.data, job.data_dir)
+        spec["perplexity"] = {
+            "data": ev.perplexity.data,
+            "seqlen": ev.perplexity.seqlen,
+            "max_windows": ev.perplexity.max_windows,
+            "text_fp": text_fingerprint(text),
+        }
+    tasks = ev.zero_shot.resolved_tasks()
+    if tasks:
+        spec["zero_shot"] = zero_shot_spec(tasks, ev.zero_shot.limit, job.data_dir)
+    return spec
+
+
+def zero_shot_spec(tasks: list[str], limit: int | None, data_dir: str | None) -> dict[str, Any]:
+    """Resolved task names + content hash of their local evaluation files (dlp.zeroshot's local tasks)."""
+    from importlib import metadata
+
+    try:
+        from dlp import zeroshot
+    except ImportError as e:  # the integration point: dlp.zeroshot.evaluate_zero_shot
+        raise RuntimeError(f"zero-shot evaluation needs dlp.zeroshot ({e})") from e
+    names = zeroshot.resolve_tasks(tasks, "local")
+    root = Path(data_dir) if data_dir else None
+    if root is None:
+        from dlp import settings
+
+        root = settings.data_dir()
+    files: list[str] = []
+    fp = "none"
+    if root is not None:
+        base = root / "evalsets"
+        for name in names:
+            for folder in {base / name, base / name.split("_")[0]}:
+                if folder.is_dir():
+                    files += [p.relative_to(base).as_posix() for p in sorted(folder.rglob("*")) if p.is_file()]
+        fp = file_set_fingerprint(base, tuple(sorted(set(files))))
+    try:
+        harness = metadata.version("lm_eval")
+    except metadata.PackageNotFoundError:  # pragma: no cover
+        harness = "unknown"
+    return {"tasks": names, "limit": limit, "evalsets_fp": fp, "harness_version": harness}
+
+
+# ============================================================================================ keys
+def target_id(target: Mapping[str, Any], dtype: str) -> dict[str, Any]:
+    """The target of an evaluation: ``{"kind": "dense", "model": FetchResult}`` or ``{"kind": "pruned",
+    "prune": PruneResult, "model": FetchResult}``, as it enters a cache key."""
+    if target["kind"] == "dense":
+        return {"kind": "dense", "model": target["model"].ref.fingerprint, "dtype": dtype}
+    return {"kind": "pruned", "prune": target["prune"].key, "dtype": dtype}
+
+
+def part_keys(target: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    """{"perplexity": (key, artifact_key), "zero_shot": (key, artifact_key)} for the configured parts."""
+    tid = target_id(target, spec["dtype"])
+    out: dict[str, tuple[str, str]] = {}
+    ppl = spec.get("perplexity")
+    if ppl:
+        k = content_key("perplexity", target=tid, text=ppl["text_fp"], tokenizer=target["model"].tokenizer_fp,
+                        seqlen=ppl["seqlen"], max_windows=ppl["max_windows"])
+        out["perplexity"] = (k, f"eval/perplexity/{k}.json")
+    zs = spec.get("zero_shot")
+    if zs:
+        k = content_key("zero_shot", target=tid, tasks=zs["tasks"], limit=zs["limit"], evalsets=zs["evalsets_fp"],
+                        harness=zs["harness_version"])
+        out["zero_shot"] = (k, f"eval/zero_shot/{k}.json")
+    return out
+
+
+def evaluation_key(target: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
+    parts = part_keys(target, spec)
+    return content_key("evaluate", parts={k: v[0] for k, v in sorted(parts.items())})
+
+
+# ============================================================================================ compute
+class _TargetModel:
+    """The evaluated model, loaded on first use (at most once per stage run; never when every part is cached)."""
+
+    def __init__(self, spec: StoreSpec, target: Mapping[str, Any], settings: Mapping[str, Any]):
+        self.spec, self.target, self.settings = spec, target, settings
+        self.loaded: tuple[Any, Any] | None = None
+        self.load_seconds = 0.0
+
+    def start(self, stage: str) -> tuple[Any, Any, float]:
+        """(model, tokenizer, start time) for computing one part of ``stage``."""
+        hook(stage, "start")
+        net, tok = self.get()
+        return net, tok, time.perf_counter()
+
+    def get(self) -> tuple[Any, Any]:
+        if self.loaded is None:
+            from dlp.models import ModelRef, load_model
+
+            if self.target["kind"] == "dense":
+                ref = self.target["model"].ref.model_ref()
+            else:
+                prune = self.target["prune"]
+                folder = materialize(self.spec, prune.manifest)
+                ref = ModelRef(source=str(folder), path=str(folder), revision=None, fingerprint=prune.manifest.sha256,
+                               kind="folder")
+            t0 = time.perf_counter()
+            net, tok, _ = load_model(ref, dtype=self.settings["dtype"],
+                                     trust_remote_code=self.settings.get("trust_remote_code", False))
+            self.loaded, self.load_seconds = (net, tok), time.perf_counter() - t0
+        return self.loaded
+
+
+def _perplexity_part(sspec: StoreSpec, stage: str, keys: tuple[str, str], target: Mapping[str, Any],
+                     spec: Mapping[str, Any], model: _TargetModel) -> StageResult:
+    from dlp import data
+    from dlp.models import resolve_device
+    from dlp.perplexity import perplexity
+
+    key, artifact_key = keys
+    ppl, logger = spec["perplexity"], stage_logger(stage)
+
+    def compute(st):
+        net, tok, t0 = model.start(stage)
+        ids = data.evaluation_tokens(tok, data.load_text(ppl["data"], spec.get("data_dir")))
+        total = ids.shape[1] // ppl["seqlen"]
+        total = min(total, ppl["max_windows"]) if ppl["max_windows"] else total
+        done = [0, time.monotonic()]
+
+        def progress(n: int) -> None:
+            done[0] += n
+            if time.monotonic() - done[1] >= 5.0 or done[0] >= total:
+                done[1] = time.monotonic()
+                logger.info("%s: perplexity %d/%d windows", stage, done[0], total)
+
+        res = perplexity(net, ids, ppl["seqlen"], max_windows=ppl["max_windows"],
+                         device=resolve_device(spec.get("device")), progress=progress)
+        secs = round(time.perf_counter() - t0, 3)
+        logger.info("%s: %s perplexity %.3f over %d x %d tokens (%.1fs)", stage, target["kind"], res["ppl"],
+                    res["windows"], res["seqlen"], secs)
+        body = {**res, "data": ppl["data"], "target": target_id(target, spec["dtype"])}
+        return json_put(st, artifact_key, body), {**res, "compute_seconds": secs}
+
+    return run_cached(sspec, "perplexity", key, artifact_key, compute)
+
+
+def _zero_shot_part(sspec: StoreSpec, stage: str, keys: tuple[str, str], spec: Mapping[str, Any],
+                    model: _TargetModel) -> StageResult:
+    key, artifact_key = keys
+    zs, logger = spec["zero_shot"], stage_logger(stage)
+
+    def compute(st):
+        from dlp.models import resolve_device
+        from dlp.zeroshot import evaluate_zero_shot  # the integration point (lazy: lm-eval is heavy)
+
+        net, tok, t0 = model.start(stage)
+        logger.info("%s: zero-shot %s (limit %s)", stage, ", ".join(zs["tasks"]), zs["limit"])
+        report = evaluate_zero_shot(net, tok, zs["tasks"], limit=zs["limit"], data_dir=spec.get("data_dir"),
+                                    device=resolve_device(spec.get("device")))
+        secs = round(time.perf_counter() - t0, 3)
+        report.pop("samples", None)
+        accs = {n: t.get("acc") for n, t in report.get("tasks", {}).items()}
+        logger.info("%s: zero-shot mean acc %s (%.1fs)", stage, report.get("mean_acc"), secs)
+        return json_put(st, artifact_key, report), {"acc": accs, "mean_acc": report.get("mean_acc"),
+                                                    "compute_seconds": secs}
+
+    return run_cached(sspec, "zero_shot", key, artifact_key, compute)
+
+
+def run_evaluation(store: StoreSpec | Mapping[str, Any], target: Mapping[str, Any], spec: Mapping[str, Any],
+                   stage: str = "evaluate") -> EvaluationResult:
+    """Evaluate the target; each part is read from the store when cached, the model is loaded at most once."""
+    sspec = StoreSpec.of(store)
+    keys = part_keys(target, spec)
+    model = _TargetModel(sspec, target, spec)
+    parts: dict[str, StageResult] = {}
+    if "perplexity" in keys:
+        parts["perplexity"] = _perplexity_part(sspec, stage, keys["perplexity"], target, spec, model)
+    if "zero_shot" in keys:
+        parts["zero_shot"] = _zero_shot_part(sspec, stage, keys["zero_shot"], spec, model)
+    computed = any(p.computed for p in parts.values())
+    hook(stage, "computed" if computed else "hit")
+    main = parts.get("perplexity") or parts.get("zero_shot")
+    return EvaluationResult(
+        stage=stage, key=evaluation_key(target, spec), computed=computed, manifest=main.manifest if main else None,
+        parts=parts, ppl=parts["perplexity"].figures["ppl"] if "perplexity" in parts else None,
+        zero_shot=read_json_artifact(sspec, parts["zero_shot"].manifest) if "zero_shot" in parts else None,
+        compute_seconds=round(sum(p.compute_seconds for p in parts.values()) + model.load_seconds, 3))

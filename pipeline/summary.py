@@ -1,0 +1,67 @@
+"""What a run reports: one record per stage (cached or not, seconds, URI, Prefect state) and the JSON-able
+summary of a compressed variant (what ``dlp compress`` prints and ``--json`` emits)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from pipeline.results import EvaluationResult, FetchResult, PruneResult, RatesResult, RegisterResult, StageResult
+
+__all__ = ["stage_record", "summarize"]
+
+
+def stage_record(state_name: str | None, result: StageResult | None, seconds: float | None) -> dict[str, Any]:
+    """How one stage went: served (``Cached``) or computed, wall and compute seconds, its artifact's URI."""
+    computed = result is not None and result.computed and state_name != "Cached"
+    uri = result.registered.model_uri if isinstance(result, RegisterResult) else (result.uri if result else None)
+    return {"cached": not computed, "seconds": None if seconds is None else round(seconds, 3),
+            "compute_seconds": round(result.compute_seconds, 3) if computed else 0.0, "uri": uri,
+            "state": state_name}
+
+
+def _per_block(prune: PruneResult, rates: RatesResult) -> list[dict[str, Any]]:
+    stat = rates.block_statistic
+    return [{"block": i, "target": float(t), "achieved": float(a), "statistic": float(stat[i]) if i < len(stat) else None}
+            for i, (t, a) in enumerate(zip(prune.target_per_block, prune.achieved_per_block))]
+
+
+def _zero_shot(evaluation: EvaluationResult, baseline: EvaluationResult | None) -> dict[str, Any] | None:
+    """Pruned vs dense accuracy per task and on average."""
+    pruned = evaluation.zero_shot
+    if not pruned:
+        return None
+    dense = (baseline.zero_shot if baseline else None) or {}
+    tasks = {}
+    for name, t in (pruned.get("tasks") or {}).items():
+        d = (dense.get("tasks") or {}).get(name) or {}
+        entry = {"acc": t.get("acc"), "acc_dense": d.get("acc")}
+        if t.get("acc") is not None and d.get("acc") is not None:
+            entry["acc_delta"] = t["acc"] - d["acc"]
+        if t.get("acc_norm") is not None:
+            entry["acc_norm"], entry["acc_norm_dense"] = t["acc_norm"], d.get("acc_norm")
+        tasks[name] = entry
+    mean, mean_d = pruned.get("mean_acc"), dense.get("mean_acc")
+    return {"tasks": tasks, "mean_acc": mean, "mean_acc_dense": mean_d,
+            "mean_acc_delta": (mean - mean_d) if mean is not None and mean_d is not None else None,
+            "limit": pruned.get("limit")}
+
+
+def summarize(cfg: Any, model: FetchResult, rates: RatesResult, prune: PruneResult, evaluation: EvaluationResult,
+              baseline: EvaluationResult | None, registered: RegisterResult,
+              stages: Mapping[str, Any]) -> dict[str, Any]:
+    """The summary of one compressed variant (JSON values only)."""
+    reg, ref = registered.registered, model.ref
+    return {
+        "registered_name": reg.name, "version": str(reg.version), "model_uri": reg.model_uri,
+        "alias_uri": f"models:/{reg.name}@{reg.alias or cfg.registry.alias}", "run_id": reg.run_id,
+        "variant_key": registered.key, "variant": cfg.variant_name(),
+        "allocation": {"allocation": cfg.pruning.allocation, **rates.chosen()},
+        "alpha_search": rates.alpha_search,
+        "dense_ppl": baseline.ppl if baseline else None, "pruned_ppl": evaluation.ppl,
+        "achieved_sparsity": float(prune.achieved_sparsity), "target_sparsity": float(cfg.pruning.sparsity),
+        "per_block": _per_block(prune, rates), "zero_shot": _zero_shot(evaluation, baseline),
+        "stages": dict(stages),
+        "base_model": {"source": ref.source, "revision": ref.revision, "fingerprint": ref.fingerprint},
+        "checkpoint_uri": prune.uri, "checkpoint_sha256": prune.manifest.sha256 if prune.manifest else None,
+        "weights_sha256": prune.weights_sha256, "workdir": cfg.workdir, "store": cfg.storage_uri,
+    }
