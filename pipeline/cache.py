@@ -53,7 +53,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "calibration": 1,
     "statistics": 1,
     "rates": 1,
-    "alpha-candidates": 1,  # one proxy value of the alpha search (tasks.rates.StoredCandidates)
+    "alpha-candidates": 1,  # one proxy value of the alpha search (pipeline.stages.rates.StoredCandidates)
     "prune": 1,
     "perplexity": 1,
     "zero_shot": 1,

@@ -24,7 +24,7 @@ __all__ = ["CHAMPION_ALIAS", "PromotionError", "TABLE_COLUMNS", "Variant", "form
 CHAMPION_ALIAS = "champion"
 
 # Where each value is found in the variant run's metrics, first match wins. The pipeline
-# (tasks/register.py: variant_metrics) logs the names listed first; the others keep hand-made runs readable.
+# (pipeline/stages/register.py: variant_metrics) logs the names listed first; the others keep hand-made runs readable.
 PRUNED_PPL_KEYS = ("ppl.pruned", "pruned_ppl", "ppl")
 DENSE_PPL_KEYS = ("ppl.dense", "dense_ppl")
 PPL_RATIO_KEYS = ("ppl.ratio", "ppl_ratio")

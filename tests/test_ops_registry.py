@@ -49,7 +49,7 @@ def populate(ckpt: Path, tracking_uri: str, *, zero_shot: bool = True) -> list[d
     for i, (alloc, p, blocks, ppl, zs) in enumerate(synthetic_variants(), 1):
         metrics = {"ppl.pruned": ppl, "ppl.dense": DENSE_PPL, "sparsity.achieved": sum(blocks) / len(blocks)}
         if zero_shot:
-            # the names tasks/register.py (variant_metrics) logs
+            # the names pipeline/stages/register.py (variant_metrics) logs
             metrics.update({"zeroshot.mean_acc": zs, "zeroshot.mean_acc_delta": zs - DENSE_ZS,
                             "zeroshot.piqa.acc": zs + 0.02, "zeroshot.piqa.acc_dense": DENSE_ZS + 0.02,
                             "zeroshot.boolq.acc": zs - 0.02, "ppl.ratio": ppl / DENSE_PPL})
