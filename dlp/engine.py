@@ -5,10 +5,16 @@ architecture gets exactly the arguments -- rotary embeddings, masks, cache posit
 transformers passes its blocks), then streams the calibration hidden states through the blocks in order,
 one block on the compute device at a time, in micro-batches.
 
+Where the weights come from is a *weight source* (:mod:`dlp.weights`): a model in memory, or a meta-device
+skeleton whose blocks are read from the checkpoint's safetensors shards one at a time (out of core). The
+hidden states live in memory or, past a memory budget, in files (:mod:`dlp.hidden`); with a journal
+(:mod:`dlp.resume`) a killed walk resumes at its first unfinished block.
+
 A *visitor* decides what happens at each block: which linears get input collectors (squared-norm sums,
 optionally the Hessian ``X^T X``), and what to do after the block's forward (compute statistics, prune).
 If the visitor changed the block's weights and the walk is ``sequential``, the block runs once more so
-that the next block sees the pruned outputs; otherwise the dense outputs flow on.
+that the next block sees the pruned outputs; otherwise the dense outputs flow on. A *sink* receives each
+finished block (a streamed pruner writes it to the output checkpoint there).
 """
 from __future__ import annotations
 
@@ -20,7 +26,10 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from .decoder import DecoderLayout, find_decoder, module_device
+from .decoder import DecoderLayout, find_decoder
+from .hidden import HiddenStates, allocate_pair
+from .resume import BlockJournal
+from .weights import ModelWeights, source_parts
 
 
 class _StopForward(Exception):
@@ -70,6 +79,17 @@ class BlockVisitor(Protocol):
         ...
 
 
+class ResumableVisitor(BlockVisitor, Protocol):
+    """A visitor whose per-block results can be saved and restored (needed for a journaled walk)."""
+
+    def block_state(self, index: int) -> tuple[dict[str, torch.Tensor], dict]: ...
+
+    def restore_block(self, index: int, tensors: dict[str, torch.Tensor], meta: dict) -> None: ...
+
+
+BlockSink = Callable[[int, nn.Module], None]
+
+
 @dataclass
 class EngineCounters:
     """Instrumentation: block forward passes over the whole calibration set, and seconds spent."""
@@ -86,67 +106,90 @@ class CalibrationEngine:
     """Streams calibration windows ``[N, L]`` through the decoder blocks (see the module docstring)."""
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, *, device: str | torch.device = "cpu",
-                 batch_size: int | None = None, layout: DecoderLayout | None = None):
+                 batch_size: int | None = None, layout: DecoderLayout | None = None, weights=None,
+                 memory_budget: int | None = None, spill_dir=None):
         self.model = model
         self.layout = layout or find_decoder(model)
+        self.weights = weights if weights is not None else ModelWeights(self.layout)
         self.windows = windows
         self.device = torch.device(device)
         n, seqlen = windows.shape
         # micro-batch: keep a block's activations modest (about 8k tokens at a time by default)
         self.batch_size = batch_size or max(1, min(n, 8192 // max(seqlen, 1)))
+        self.memory_budget, self.spill_dir = memory_budget, spill_dir
         self.counters = EngineCounters()
         self._kwargs: dict[int, tuple[tuple, dict]] = {}
+        self.hidden_shape: tuple[int, ...] | None = None
+        self.block_returns_tuple = False  # how this architecture's blocks return their states
+        self.dtype = next(iter(model.parameters())).dtype
+
+    @classmethod
+    def over(cls, source, windows: torch.Tensor, **options) -> "CalibrationEngine":
+        """An engine over an in-memory model or a :class:`dlp.streaming.StreamedModel` (weights streamed)."""
+        model, layout, weights = source_parts(source)
+        return cls(model, windows, layout=layout, weights=weights, **options)
 
     # ---------------------------------------------------------------- capture
-    def capture(self) -> torch.Tensor:
-        """Run the model up to block 0 for every window; return the block-0 inputs ``[N, L, H]``."""
-        start = time.perf_counter()
+    def _run_prefix(self, batches, sink) -> None:
+        """Run the model up to block 0 for each batch of token ids; ``sink(args, kwargs)`` sees block 0's inputs."""
         model, blocks = self.model, self.layout.blocks
-        home = module_device(model)
         first = blocks[0]
-        captured: list[torch.Tensor] = []
-
-        def sink(args, kwargs):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            captured.append(hidden.detach())
-            size = hidden.shape[0]
-            if size not in self._kwargs:
-                rest = tuple(args[1:])
-                kw = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "use_cache")}
-                self._kwargs[size] = (rest, kw)
-
         use_cache = getattr(model.config, "use_cache", None)
         if use_cache is not None:
             model.config.use_cache = False
         blocks[0] = _Catcher(first, sink)
-        moved = self._move_non_blocks(self.device) if self.device != home else False
         try:
-            with torch.no_grad():
-                for batch in self.windows.split(self.batch_size):
+            with torch.no_grad(), self.weights.prefix(self.device):
+                for batch in batches:
                     try:
                         model(input_ids=batch.to(self.device), use_cache=False)
                     except _StopForward:
                         pass
         finally:
             blocks[0] = first
-            if moved:
-                self._move_non_blocks(home)
             if use_cache is not None:
                 model.config.use_cache = use_cache
-        self.counters.capture_s += time.perf_counter() - start
-        return torch.cat(captured, dim=0)
 
-    def _move_non_blocks(self, device: torch.device) -> bool:
-        """Move everything but the decoder blocks (embeddings, rotary tables, final norm) to ``device``."""
-        parent_path, _, attr = self.layout.blocks_path.rpartition(".")
-        parent = self.model.get_submodule(parent_path) if parent_path else self.model
-        blocks = getattr(parent, attr)
-        setattr(parent, attr, nn.ModuleList())
-        try:
-            self.model.to(device)
-        finally:
-            setattr(parent, attr, blocks)
-        return True
+    def _remember(self, args, kwargs) -> torch.Tensor:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        size = hidden.shape[0]
+        if size not in self._kwargs:
+            kw = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "use_cache")}
+            self._kwargs[size] = (tuple(args[1:]), kw)
+        self.hidden_shape = (self.windows.shape[0], *hidden.shape[1:])
+        self.dtype = hidden.dtype
+        return hidden
+
+    def capture(self, into: HiddenStates | None = None) -> HiddenStates:
+        """Run the model up to block 0 for every window; the block-0 inputs ``[N, L, H]`` go into ``into``
+        (allocated here, in memory or spilled, when not given)."""
+        start = time.perf_counter()
+        target = [into]
+        pos = [0]
+
+        def sink(args, kwargs):
+            hidden = self._remember(args, kwargs)
+            if target[0] is None:
+                target[0] = self.buffers(hidden.dtype)[0]
+            target[0].write(pos[0], hidden)
+            pos[0] += hidden.shape[0]
+
+        self._run_prefix(self.windows.split(self.batch_size), sink)
+        self.counters.capture_s += time.perf_counter() - start
+        return target[0]
+
+    def capture_arguments(self) -> None:
+        """Only the block arguments (rotary tables, masks) for every micro-batch size: what a resumed walk needs."""
+        sizes = sorted({len(b) for b in self.windows.split(self.batch_size)})
+        firsts = [self.windows[:s] for s in sizes]
+        self._run_prefix(firsts, lambda args, kwargs: self._remember(args, kwargs))
+
+    def buffers(self, dtype: torch.dtype | None = None) -> tuple[HiddenStates, HiddenStates]:
+        """Two state buffers (in memory, or spilled past the memory budget); a second call returns the same pair."""
+        if getattr(self, "_pair", None) is None:
+            shape = self.hidden_shape
+            self._pair = allocate_pair(shape, dtype or self.dtype, budget=self.memory_budget, spill_dir=self.spill_dir)
+        return self._pair
 
     # ---------------------------------------------------------------- blocks
     def _block_kwargs(self, size: int) -> tuple[tuple, dict]:
@@ -154,48 +197,86 @@ class CalibrationEngine:
             raise RuntimeError(f"no captured block arguments for a micro-batch of {size}")
         return self._kwargs[size]
 
-    def forward_block(self, index: int, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Run block ``index`` on ``hidden`` in micro-batches; write into ``out`` (may alias nothing)."""
-        block = self.layout.blocks[index]
+    def forward_block(self, index: int, block: nn.Module, src: HiddenStates, dst: HiddenStates) -> None:
+        """Run ``block`` on the states in ``src`` in micro-batches, writing its outputs into ``dst``."""
         start = time.perf_counter()
-        out = torch.empty_like(hidden) if out is None else out
         with torch.no_grad():
-            for lo in range(0, hidden.shape[0], self.batch_size):
-                mb = hidden[lo : lo + self.batch_size]
+            for lo in range(0, src.shape[0], self.batch_size):
+                mb = src.read(lo, min(lo + self.batch_size, src.shape[0])).to(self.device)
                 rest, kw = self._block_kwargs(mb.shape[0])
                 result = block(mb, *rest, **kw)
-                out[lo : lo + mb.shape[0]] = result[0] if isinstance(result, (tuple, list)) else result
+                self.block_returns_tuple = isinstance(result, (tuple, list))
+                dst.write(lo, result[0] if self.block_returns_tuple else result)
         self.counters.block_passes[index] += 1
         self.counters.forward_s += time.perf_counter() - start
-        return out
 
-    def walk(self, visitor: BlockVisitor, *, sequential: bool = False, blocks: range | None = None) -> None:
-        """Stream the calibration set through the blocks, calling ``visitor`` at each (module docstring)."""
-        hidden = self.capture()
-        spare = torch.empty_like(hidden)
+    def walk(self, visitor: BlockVisitor, *, sequential: bool = False, blocks: range | None = None,
+             sink: BlockSink | None = None, journal: BlockJournal | None = None) -> HiddenStates:
+        """Stream the calibration set through the blocks, calling ``visitor`` at each (module docstring).
+        Returns the buffer holding the last block's outputs."""
         indices = blocks if blocks is not None else range(self.layout.num_blocks)
+        hidden, spare = self._start(visitor, journal, indices)
         for index in indices:
-            block = self.layout.blocks[index]
-            home = module_device(block)
-            if home != self.device:
-                block.to(self.device)
-            try:
-                linears = self.layout.linears(index)
-                collectors = visitor.collectors(index, linears)
-                handles = _attach(linears, collectors)
-                try:
-                    self.forward_block(index, hidden, out=spare)
-                finally:
-                    for h in handles:
-                        h.remove()
-                changed = visitor.after_forward(index, block, collectors)
-                del collectors
-                if changed and sequential:
-                    self.forward_block(index, hidden, out=spare)
-            finally:
-                if home != self.device:
-                    block.to(home)
+            if journal is not None and index < journal.next_block:
+                continue
+            self._visit(index, visitor, sequential, hidden, spare, sink)
+            if journal is not None:
+                tensors, meta = visitor.block_state(index)
+                journal.save_block(index, tensors, meta)
+                journal.commit(index, spare)
             hidden, spare = spare, hidden
+        spare.close()
+        return hidden
+
+    def _start(self, visitor, journal: BlockJournal | None, indices) -> tuple[HiddenStates, HiddenStates]:
+        """The (inputs, spare) buffers of the first block to run: captured, or restored from the journal."""
+        first = indices[0] if len(indices) else 0
+        if journal is not None and journal.next_block > first:
+            self.capture_arguments()
+            for index in range(first, journal.next_block):
+                visitor.restore_block(index, *journal.load_block(index))
+            return journal.buffers(self.hidden_shape, self.dtype)
+        self.weights.prefetch(first, self.device)
+        if journal is not None:
+            self.capture_arguments()
+            pair = journal.buffers(self.hidden_shape, self.dtype)
+            return self.capture(into=pair[0]), pair[1]
+        hidden = self.capture()
+        return hidden, self.buffers()[1]
+
+    def _visit(self, index: int, visitor, sequential: bool, hidden: HiddenStates, spare: HiddenStates,
+               sink: BlockSink | None) -> None:
+        with self.weights.block(index, self.device) as block:
+            linears = self.layout.linears(index)
+            collectors = visitor.collectors(index, linears)
+            handles = _attach(linears, collectors)
+            try:
+                self.forward_block(index, block, hidden, spare)
+            finally:
+                for h in handles:
+                    h.remove()
+            with torch.no_grad():
+                changed = visitor.after_forward(index, block, collectors)
+            del collectors
+            if changed and sequential:
+                self.forward_block(index, block, hidden, spare)
+            if sink is not None:
+                sink(index, block)
+
+    def walk_weights(self, visitor: BlockVisitor, *, sink: BlockSink | None = None,
+                     journal: BlockJournal | None = None) -> None:
+        """Visit every block without calibration data (magnitude, Wanda from stored statistics)."""
+        start = journal.next_block if journal is not None else 0
+        for index in range(start):
+            visitor.restore_block(index, *journal.load_block(index))
+        for index in range(start, self.layout.num_blocks):
+            with torch.no_grad(), self.weights.block(index, self.device) as block:
+                visitor.after_forward(index, block, {})
+                if sink is not None:
+                    sink(index, block)
+            if journal is not None:
+                journal.save_block(index, *visitor.block_state(index))
+                journal.commit(index)
 
 
 def _attach(linears: dict[str, nn.Linear], collectors: dict[str, InputCollector]):

@@ -164,19 +164,45 @@ def resolve_model(source: str, revision: str | None = None) -> ModelRef:
     )
 
 
-def load_model(source: str | ModelRef, *, revision: str | None = None, dtype: str = "float32",
-               trust_remote_code: bool = False):
-    """Load ``(model, tokenizer, ref)`` on the CPU in ``dtype``, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def config_dtype(config) -> torch.dtype:
+    """The checkpoint's own dtype from its config (``dtype``, or the older ``torch_dtype``); float32 when unset."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = DTYPES.get(value.replace("torch.", ""))
+    return value if value in DTYPES.values() else torch.float32
 
-    if dtype not in DTYPES:
-        raise DLPError(f"unknown dtype '{dtype}'; use one of: {', '.join(DTYPES)}")
+
+def checkpoint_bytes(path: str | Path) -> int:
+    """Bytes of the safetensors weights in a model folder."""
+    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
+
+
+def load_model(source: str | ModelRef, *, revision: str | None = None, dtype: str = "auto",
+               trust_remote_code: bool = False, max_memory: int | None = None, offload_dir: str | Path | None = None):
+    """Load ``(model, tokenizer, ref)`` on the CPU in ``dtype`` (``auto``: the checkpoint's own), in eval mode.
+
+    With ``max_memory`` (bytes) smaller than the checkpoint, the model is loaded through accelerate's big-model
+    inference instead: ``device_map="auto"`` within that budget, the rest offloaded to ``offload_dir``
+    (weights then move in per layer as the forward needs them)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES and dtype != "auto":
+        raise DLPError(f"unknown dtype '{dtype}'; use auto or one of: {', '.join(DTYPES)}")
     ref = source if isinstance(source, ModelRef) else resolve_model(source, revision)
+    kwargs: dict = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
     try:
+        config = AutoConfig.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
+        kwargs["dtype"] = config_dtype(config) if dtype == "auto" else DTYPES[dtype]
+        if max_memory is not None and checkpoint_bytes(ref.path) > max_memory:
+            if offload_dir is None:
+                raise DLPError("the model does not fit max_memory; give an offload folder (--offload-dir)")
+            Path(offload_dir).mkdir(parents=True, exist_ok=True)
+            kwargs.update(device_map="auto", max_memory={"cpu": int(max_memory)}, offload_folder=str(offload_dir))
         with _LOAD_LOCK:
-            model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=DTYPES[dtype], use_safetensors=True,
-                                                         trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
     except ValueError as exc:
+        if isinstance(exc, DLPError):
+            raise
         if "trust_remote_code" in str(exc):
             raise DLPError(f"model '{ref.source}' needs custom code; rerun with --trust-remote-code if you trust it") from exc
         raise DLPError(f"unsupported model '{ref.source}': {str(exc).splitlines()[0]}") from exc

@@ -14,13 +14,13 @@ the ratios instead. With a uniform allocation N:M is the pattern itself.
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
-from torch import nn
 
-from .decoder import find_decoder
 from .engine import CalibrationEngine, InputCollector
 from .errors import DLPError
 from .statistics import BlockStatistics, wanda_scores
@@ -71,12 +71,17 @@ def row_mask(metric: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def matrix_mask(metric: torch.Tensor, ratio: float) -> torch.Tensor:
-    """The ``floor(numel * ratio)`` smallest entries of the whole matrix (exact count, ties broken by order)."""
+    """The ``floor(numel * ratio)`` smallest entries of the whole matrix: everything below the k-th value, then
+    entries equal to it in row-major order until the count is exact (no index array of the matrix's size)."""
     k = int(metric.numel() * ratio)
-    mask = torch.zeros(metric.numel(), dtype=torch.bool, device=metric.device)
-    if k > 0:
-        idx = torch.topk(metric.flatten(), k, largest=False, sorted=False)[1]
-        mask[idx] = True
+    flat = metric.reshape(-1)
+    if k <= 0:
+        return torch.zeros_like(metric, dtype=torch.bool)
+    threshold = flat.kthvalue(k).values
+    mask = flat < threshold
+    need = k - int(mask.sum())
+    if need > 0:
+        mask[(flat == threshold).nonzero().flatten()[:need]] = True
     return mask.view_as(metric)
 
 
@@ -159,14 +164,36 @@ class PruneReport:
                 "seconds": self.seconds}
 
 
+#: rows scored and masked at a time: bounds the float32 scores and sort indices of a large linear
+ROW_CHUNK = 1024
+
+
+def _score_and_mask(W: torch.Tensor, method: str, ratio: float, pattern: Pattern, n: int,
+                    norm2: torch.Tensor | None, nsamples: int) -> int:
+    """Zero the pruned weights of one linear in place (magnitude or Wanda); returns how many were zeroed."""
+    if method == "magnitude" and not pattern.structured:
+        zero = matrix_mask(W.abs().to(torch.float32), ratio)
+        W[zero] = 0
+        return int(zero.sum())
+    count = 0
+    for lo in range(0, W.shape[0], ROW_CHUNK):
+        rows = W[lo : lo + ROW_CHUNK]
+        metric = rows.abs().to(torch.float32) if method == "magnitude" else wanda_scores(rows, norm2, nsamples)
+        zero = nm_mask(metric, n, pattern.m) if pattern.structured else row_mask(metric, ratio)
+        rows[zero] = 0
+        count += int(zero.sum())
+    return count
+
+
 class _Pruner:
-    """Prunes block by block; serves as the engine's visitor when calibration data is needed."""
+    """Prunes block by block; serves as the engine's visitor (with or without calibration data)."""
 
     def __init__(self, layout, method: str, ratios: list[float], pattern: Pattern, report: PruneReport,
                  norm2: dict[str, torch.Tensor] | None, nsamples: int, device: torch.device):
         self.layout, self.method, self.ratios, self.pattern = layout, method, ratios, pattern
         self.report, self.norm2, self.nsamples, self.device = report, norm2, nsamples, device
         self.uniform = max(ratios) - min(ratios) < 1e-12
+        self.zeros: dict[str, int] = {}
 
     def collectors(self, index, linears):
         if self.method == "magnitude":
@@ -186,77 +213,128 @@ class _Pruner:
             W = linear.weight.data
             pname = self.layout.param_name(index, name)
             if self.method == "sparsegpt":
-                c = collectors[name]
-                H = c.hessian * (2.0 / self.nsamples)
-                new = sparsegpt_update(W, H, ratio, n, self.pattern.m)
-                W.copy_(new.to(W.dtype))
-                zero = W == 0
+                H = collectors[name].hessian * (2.0 / self.nsamples)
+                W.copy_(sparsegpt_update(W, H, ratio, n, self.pattern.m).to(W.dtype))
+                z = int((W == 0).sum())
             else:
-                if self.method == "magnitude":
-                    metric = W.abs().to(torch.float32)
-                else:
+                norm2 = None
+                if self.method == "wanda":
                     norm2 = collectors[name].norm2 if collectors else self.norm2[pname]
-                    metric = wanda_scores(W, norm2, self.nsamples)
-                if self.pattern.structured:
-                    zero = nm_mask(metric, n, self.pattern.m)
-                elif self.method == "magnitude":
-                    zero = matrix_mask(metric, ratio)
-                else:
-                    zero = row_mask(metric, ratio)
-                W[zero] = 0
-            z = int(zero.sum())
+                z = _score_and_mask(W, self.method, ratio, self.pattern, n, norm2, self.nsamples)
             self.report.per_linear[pname] = z / W.numel()
+            self.zeros[pname] = z
             pruned += z
             total += W.numel()
         self.report.achieved.append(pruned / total)
         self.report.pruned += pruned
         self.report.total += total
 
+    def block_state(self, index: int) -> tuple[dict[str, torch.Tensor], dict]:
+        names = [self.layout.param_name(index, n) for n in self.layout.linears(index)]
+        return {}, {"achieved": self.report.achieved[index], "zeros": {n: self.zeros[n] for n in names}}
 
-def prune(model: nn.Module, ratios: list[float], *, method: str = "wanda", pattern: str | Pattern = "unstructured",
-          mode: str = "sequential", windows: torch.Tensor | None = None, stats: BlockStatistics | None = None,
-          device: str = "cpu", batch_size: int | None = None) -> PruneReport:
-    """Prune ``model`` in place at per-block sparsities ``ratios``; see the module docstring for modes."""
+    def restore_block(self, index: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if len(self.report.achieved) != index:
+            raise RuntimeError(f"prune report restored out of order: block {index} after {len(self.report.achieved)}")
+        self.report.achieved.append(meta["achieved"])
+        for name, linear in self.layout.linears(index).items():
+            pname, numel = self.layout.param_name(index, name), linear.weight.numel()
+            z = int(meta["zeros"][pname])
+            self.zeros[pname] = z
+            self.report.per_linear[pname] = z / numel
+            self.report.pruned += z
+            self.report.total += numel
+
+
+def _check_prune_args(method: str, mode: str, ratios: list[float], num_blocks: int) -> None:
     if method not in METHODS:
         raise DLPError(f"unknown pruning method '{method}'; use one of: {', '.join(METHODS)}")
     if mode not in MODES:
         raise DLPError(f"unknown mode '{mode}'; use one of: {', '.join(MODES)}")
-    pattern = parse_pattern(pattern) if isinstance(pattern, str) else pattern
-    layout = find_decoder(model)
-    if len(ratios) != layout.num_blocks:
-        raise DLPError(f"{len(ratios)} block sparsities given for a model with {layout.num_blocks} blocks")
+    if len(ratios) != num_blocks:
+        raise DLPError(f"{len(ratios)} block sparsities given for a model with {num_blocks} blocks")
     for i, r in enumerate(ratios):
         if not 0.0 < r < 1.0:
             raise DLPError(f"block {i} sparsity {r} is outside (0, 1)")
+
+
+def prune(model, ratios: list[float], *, method: str = "wanda", pattern: str | Pattern = "unstructured",
+          mode: str = "sequential", windows: torch.Tensor | None = None, stats: BlockStatistics | None = None,
+          device: str = "cpu", batch_size: int | None = None, sink=None, journal=None,
+          memory_budget: int | None = None, spill_dir=None) -> PruneReport:
+    """Prune at per-block sparsities ``ratios`` (see the module docstring for modes). ``model`` is an in-memory
+    model (pruned in place) or a :class:`dlp.streaming.StreamedModel`, whose pruned blocks reach ``sink`` one
+    at a time (:class:`dlp.checkpoint.CheckpointSink`); with a ``journal`` a killed run resumes at its first
+    unfinished block."""
+    from .weights import source_parts
+
+    pattern = parse_pattern(pattern) if isinstance(pattern, str) else pattern
+    _net, layout, _weights = source_parts(model)
+    _check_prune_args(method, mode, list(ratios), layout.num_blocks)
     report = PruneReport(method, mode, str(pattern), list(ratios))
     start = time.perf_counter()
     needs_data = method != "magnitude" and not (method == "wanda" and mode == "oneshot" and stats is not None)
+    if needs_data and windows is None:
+        raise DLPError(f"{method} ({mode}) needs calibration windows")
+    data = windows if needs_data else torch.zeros((1, 2), dtype=torch.long)
+    engine = CalibrationEngine.over(model, data, device=device, batch_size=batch_size, memory_budget=memory_budget,
+                                    spill_dir=spill_dir)
+    norm2 = stats.norm2 if stats is not None and not needs_data else None
+    nsamples = windows.shape[0] if needs_data else (stats.nsamples if stats is not None else 1)
+    pruner = _Pruner(layout, method, list(ratios), pattern, report, norm2, nsamples, engine.device)
     if needs_data:
-        if windows is None:
-            raise DLPError(f"{method} ({mode}) needs calibration windows")
-        engine = CalibrationEngine(model, windows, device=device, batch_size=batch_size, layout=layout)
-        pruner = _Pruner(layout, method, list(ratios), pattern, report, None, windows.shape[0], engine.device)
-        engine.walk(pruner, sequential=(mode == "sequential"))
+        engine.walk(pruner, sequential=(mode == "sequential"), sink=sink, journal=journal).close()
         report.block_passes = engine.counters.passes_per_block()
     else:
-        norm2 = stats.norm2 if stats is not None else None
-        nsamples = stats.nsamples if stats is not None else 1
-        pruner = _Pruner(layout, method, list(ratios), pattern, report, norm2, nsamples, torch.device(device))
-        with torch.no_grad():
-            for index in range(layout.num_blocks):
-                pruner.prune_block(index)
+        engine.walk_weights(pruner, sink=sink, journal=journal)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def measured_sparsity(model: nn.Module) -> list[float]:
-    """Share of exactly-zero weights in each block's linears."""
-    layout = find_decoder(model)
+def measured_sparsity(model) -> list[float]:
+    """Share of exactly-zero weights in each block's linears (in memory, or streamed one block at a time)."""
+    from .weights import source_parts
+
+    _net, layout, weights = source_parts(model)
     out = []
     for i in range(layout.num_blocks):
         z = t = 0
-        for lin in layout.linears(i).values():
-            z += int((lin.weight == 0).sum())
-            t += lin.weight.numel()
+        with weights.block(i, torch.device("cpu")):
+            for lin in layout.linears(i).values():
+                z += int((lin.weight == 0).sum())
+                t += lin.weight.numel()
         out.append(z / t)
     return out
+
+
+def state_folder(out: str | Path) -> Path:
+    """Where a resumable run writing ``out`` keeps its journal (beside ``out``; removed when the run ends)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.state"
+
+
+def prune_checkpoint(streamed, out: str | Path, ratios: list[float], *, run_key: str | None = None,
+                     max_shard_size: int | str | None = None, report_extra: dict | None = None,
+                     **options) -> PruneReport:
+    """Prune a :class:`dlp.streaming.StreamedModel` into a sharded Hugging Face checkpoint at ``out``, one block
+    at a time (the whole model is never held). With ``run_key`` the run is resumable: a run killed at block k and
+    started again with the same key continues at block k and ends bit-identical to an uninterrupted one.
+    ``options`` are :func:`prune`'s (method, pattern, mode, windows, stats, device, ...)."""
+    from .checkpoint import CheckpointSink, partial_folder
+    from .checkpoint_writer import DEFAULT_MAX_SHARD_SIZE
+    from .resume import BlockJournal
+
+    journal = BlockJournal(state_folder(out) / "prune", run_key) if run_key else None
+    partial = partial_folder(out)
+    if journal is None or journal.next_block == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    sink = CheckpointSink(streamed, partial, max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE,
+                          durable=journal is not None)
+    try:
+        report = prune(streamed, ratios, sink=sink, journal=journal, **options)
+    except BaseException:
+        sink.abandon()
+        raise
+    sink.finish(out, {**report.to_json(), **(report_extra or {})})
+    shutil.rmtree(state_folder(out), ignore_errors=True)
+    return report

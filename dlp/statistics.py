@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
-from .decoder import DecoderLayout, find_decoder
+from .decoder import DecoderLayout
 from .engine import CalibrationEngine, InputCollector
+from .resume import BlockJournal
+from .weights import source_parts
 
 DEFAULT_OWL_M = 5.0
 
@@ -70,16 +71,19 @@ class BlockStatistics:
         return cls(norm2=load_file(str(path)), blocks=meta["blocks"], nsamples=meta["nsamples"],
                    tokens=meta["tokens"], owl_m=meta["owl_m"], meta=meta.get("meta", {}))
 
-    def with_owl_m(self, model: nn.Module, owl_m: float) -> "BlockStatistics":
-        """The same statistics with OWL outlier ratios for another M, from the weights: no forward pass."""
+    def with_owl_m(self, source, owl_m: float) -> "BlockStatistics":
+        """The same statistics with OWL outlier ratios for another M, from the weights (an in-memory model or a
+        streamed one, one block at a time): no forward pass."""
         if owl_m == self.owl_m:
             return self
-        layout = find_decoder(model)
+        _model, layout, weights = source_parts(source)
         blocks = []
         for i, summary in enumerate(self.blocks):
-            scores = [wanda_scores(lin.weight, self.norm2[layout.param_name(i, n)], self.nsamples)
-                      for n, lin in layout.linears(i).items()]
-            blocks.append({**summary, **{"owl_outlier_ratio": pooled_statistics(scores, owl_m)["owl_outlier_ratio"]}})
+            with torch.no_grad(), weights.block(i, torch.device("cpu")):
+                scores = [wanda_scores(lin.weight, self.norm2[layout.param_name(i, n)], self.nsamples)
+                          for n, lin in layout.linears(i).items()]
+                ratio = pooled_statistics(scores, owl_m)["owl_outlier_ratio"]
+            blocks.append({**summary, "owl_outlier_ratio": ratio})
         return BlockStatistics(self.norm2, blocks, self.nsamples, self.tokens, owl_m, dict(self.meta))
 
 
@@ -109,13 +113,29 @@ class StatisticsVisitor:
         del scores
         return False
 
+    def block_state(self, index: int) -> tuple[dict[str, torch.Tensor], dict]:
+        names = [self.layout.param_name(index, n) for n in self.layout.linears(index)]
+        return {n: self.norm2[n].clone() for n in names}, {"summary": self.blocks[index], "tokens": self.tokens}
 
-def collect_statistics(model: nn.Module, windows: torch.Tensor, *, device: str = "cpu", batch_size: int | None = None,
-                       owl_m: float = DEFAULT_OWL_M, engine: CalibrationEngine | None = None) -> BlockStatistics:
-    """One dense calibration sweep: block ``l`` runs once on the dense outputs of block ``l-1``."""
-    engine = engine or CalibrationEngine(model, windows, device=device, batch_size=batch_size)
+    def restore_block(self, index: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if len(self.blocks) != index:
+            raise RuntimeError(f"statistics restored out of order: block {index} after {len(self.blocks)} blocks")
+        self.norm2.update(tensors)
+        self.blocks.append(meta["summary"])
+        self.tokens = meta["tokens"]
+
+
+def collect_statistics(model, windows: torch.Tensor, *, device: str = "cpu", batch_size: int | None = None,
+                       owl_m: float = DEFAULT_OWL_M, engine: CalibrationEngine | None = None,
+                       journal: BlockJournal | None = None, memory_budget: int | None = None,
+                       spill_dir=None) -> BlockStatistics:
+    """One dense calibration sweep: block ``l`` runs once on the dense outputs of block ``l-1``. ``model`` is an
+    in-memory model or a :class:`dlp.streaming.StreamedModel`; with a ``journal`` a killed sweep resumes at its
+    first unfinished block."""
+    engine = engine or CalibrationEngine.over(model, windows, device=device, batch_size=batch_size,
+                                              memory_budget=memory_budget, spill_dir=spill_dir)
     visitor = StatisticsVisitor(engine.layout, engine.device, windows.shape[0], owl_m)
-    engine.walk(visitor, sequential=False)
+    engine.walk(visitor, sequential=False, journal=journal).close()
     return BlockStatistics(norm2=visitor.norm2, blocks=visitor.blocks, nsamples=windows.shape[0],
                            tokens=visitor.tokens, owl_m=owl_m,
                            meta={"block_passes": engine.counters.passes_per_block(),
