@@ -17,7 +17,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 # ---- shared options (defaults follow the paper: C4 128 x 2048, seed 0, alpha 0.15, median)
 ModelOpt = typer.Option("smollm2-135m", "--model", help="hub id, local HF folder, .gguf file, or 'smollm2-135m' (bundled)")
 RevisionOpt = typer.Option(None, "--revision", help="hub revision (branch, tag or commit)")
-DtypeOpt = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto (the checkpoint's own) | float32 | bfloat16 | float16")
+BudgetOpt = typer.Option(None, "--memory-budget", help="memory for calibration states before they spill to disk, e.g. 8GB (default: half the available memory)")
+SpillOpt = typer.Option(None, "--spill-dir", help="folder for spilled calibration states (default: the system temp folder)")
 DeviceOpt = typer.Option("cpu", "--device", help="cpu (default) or cuda")
 TrustOpt = typer.Option(False, "--trust-remote-code", help="allow models that need custom code")
 CalibOpt = typer.Option("c4", "--calibration", help="c4 | wikitext2-valid | hf:PATH[:CONFIG[:SPLIT]] | a file or folder")
@@ -62,22 +64,47 @@ def _log(msg: str, quiet: bool) -> None:
 
 
 def _prepare(model, revision, dtype, trust, calibration, nsamples, seqlen, seed, quiet):
+    """Check the settings and the calibration text, open the model for streaming (its checkpoint validated,
+    nothing loaded), draw the windows. Returns (streamed model, tokenizer, ref, windows)."""
+    from transformers import AutoTokenizer
+
     from dlp import data, models
+    from dlp.streaming import open_streamed
 
     if nsamples <= 0:
         raise DLPError(f"--nsamples must be a positive integer, got {nsamples}")
     if seqlen <= 1:
         raise DLPError(f"--seqlen must be an integer above 1, got {seqlen}")
-    text = data.load_text(calibration)  # bad data fails before the model is loaded
+    text = data.load_text(calibration)  # bad data fails before the model is opened
     t = time.perf_counter()
-    net, tok, ref = models.load_model(model, revision=revision, dtype=dtype, trust_remote_code=trust)
-    _log(f"loaded {ref.source} ({time.perf_counter() - t:.1f}s)", quiet)
+    ref = models.resolve_model(model, revision)
+    sm = open_streamed(ref, dtype=dtype, trust_remote_code=trust)
+    tok = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=trust)
+    _log(f"opened {ref.source} for streaming, {sm.dtype} ({time.perf_counter() - t:.1f}s)", quiet)
     windows = data.calibration_windows(tok, text, nsamples, seqlen, seed)
-    return net, tok, ref, windows
+    return sm, tok, ref, windows
+
+
+def _budget(text: Optional[str]) -> Optional[int]:
+    return None if text is None else _budget_of(text, "--memory-budget")
+
+
+def _budget_of(text: str, what: str) -> int:
+    from dlp.resources import parse_size
+
+    return parse_size(text, what)
+
+
+def _in_memory(ref, dtype, trust):
+    """A loader of the whole model, for the steps that still need it (the alpha search)."""
+    from dlp.models import load_model
+
+    return lambda: load_model(ref, dtype=dtype, trust_remote_code=trust)[0]
 
 
 def _allocation(net, stats, allocation, sparsity, alpha, statistic, owl_m, owl_lambda, auto=None):
-    """``auto`` (for --alpha auto / --statistic auto): tok, calibration, nsamples, seqlen, seed, windows,
+    """``net``: the model (streamed or in memory) for OWL's M. ``auto`` (for --alpha auto / --statistic auto):
+    load (the in-memory model the search prunes and restores), tok, calibration, nsamples, seqlen, seed, windows,
     heldout (count or None), method, pattern, mode, device, batch_size and report (folder for the curve
     JSON + PNG); the search summary lands in the allocation's params under ``alpha_search``."""
     from dlp import allocation as alloc
@@ -92,7 +119,7 @@ def _allocation(net, stats, allocation, sparsity, alpha, statistic, owl_m, owl_l
         if auto is None:
             raise DLPError("--alpha auto / --statistic auto are available in `dlp ratios` and `dlp prune`")
         a = auto
-        search = choose_alpha_from_text(net, a["tok"], stats, a["windows"], data.load_text(a["calibration"]),
+        search = choose_alpha_from_text(a["load"](), a["tok"], stats, a["windows"], data.load_text(a["calibration"]),
                                         nsamples=a["nsamples"], seqlen=a["seqlen"], seed=a["seed"], heldout=a["heldout"],
                                         method=a["method"], pattern=a["pattern"], mode=a["mode"], sparsity=sparsity,
                                         statistic=statistic, device=a["device"], batch_size=a["batch_size"],
@@ -112,7 +139,8 @@ def ratios(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: 
            nsamples: int = NsamplesOpt, seqlen: int = SeqlenOpt, seed: int = SeedOpt,
            data_dir: Optional[Path] = DataDirOpt, sparsity: float = SparsityOpt, allocation: str = AllocOpt,
            alpha: str = AlphaOpt, statistic: str = StatOpt, owl_m: float = OwlMOpt, owl_lambda: float = OwlLOpt,
-           batch_size: Optional[int] = BatchOpt, stats_out: Optional[Path] = typer.Option(None, "--stats-out", help="also save the statistics artifact (safetensors)"),
+           batch_size: Optional[int] = BatchOpt, memory_budget: Optional[str] = BudgetOpt, spill_dir: Optional[Path] = SpillOpt,
+           stats_out: Optional[Path] = typer.Option(None, "--stats-out", help="also save the statistics artifact (safetensors)"),
            method: str = typer.Option("wanda", "--method", help="--alpha auto: the pruner the alpha is chosen for"),
            pattern: str = typer.Option("unstructured", "--pattern", help="--alpha auto: unstructured | 2:4 | 4:8 | N:M"),
            mode: str = typer.Option("sequential", "--mode", help="--alpha auto: the final run's mode"),
@@ -128,13 +156,15 @@ def ratios(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: 
     a = _alpha(alpha)
     alloc.check_params(allocation, sparsity, 0.15 if a == "auto" else a, "median" if statistic == "auto" else statistic, owl_lambda)
     device = resolve_device(device)
+    budget = _budget(memory_budget)
     net, tok, ref, windows = _prepare(model, revision, dtype, trust_remote_code, calibration, nsamples, seqlen, seed, as_json)
     t = time.perf_counter()
-    stats = collect_statistics(net, windows, device=device, batch_size=batch_size, owl_m=owl_m)
+    stats = collect_statistics(net, windows, device=device, batch_size=batch_size, owl_m=owl_m,
+                               memory_budget=budget, spill_dir=spill_dir)
     _log(f"statistics: {len(stats.blocks)} blocks in {time.perf_counter() - t:.1f}s", as_json)
     if stats_out:
         stats.save(stats_out)
-    auto = {"tok": tok, "calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+    auto = {"load": _in_memory(ref, dtype, trust_remote_code), "tok": tok, "calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
             "windows": windows, "heldout": heldout, "method": method, "pattern": pattern, "mode": mode,
             "device": device, "batch_size": batch_size, "report": alpha_report}
     result = _allocation(net, stats, allocation, sparsity, a, statistic, owl_m, owl_lambda, auto=auto)
@@ -170,18 +200,18 @@ def prune(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: s
           owl_lambda: float = OwlLOpt, method: str = typer.Option("wanda", "--method", help="magnitude | wanda | sparsegpt"),
           pattern: str = typer.Option("unstructured", "--pattern", help="unstructured | 2:4 | 4:8 | N:M"),
           mode: str = typer.Option("sequential", "--mode", help="sequential | oneshot"),
-          batch_size: Optional[int] = BatchOpt,
+          batch_size: Optional[int] = BatchOpt, memory_budget: Optional[str] = BudgetOpt,
+          spill_dir: Optional[Path] = SpillOpt,
+          max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="shard size of the output checkpoint"),
           out: Path = typer.Option(..., "--out", help="folder for the pruned checkpoint"),
           heldout: Optional[int] = typer.Option(None, "--heldout", help="--alpha auto: held-out calibration windows for the proxy (default ~4096 tokens)"),
           alpha_report: Optional[Path] = typer.Option(None, "--alpha-report", help="--alpha auto: folder for the proxy curve (JSON + PNG); default <out>-alpha-search"),
           as_json: bool = JsonOpt):
-    """Prune at per-block sparsities and write a loadable HF checkpoint plus a sparsity report."""
+    """Prune block by block, streaming weights from the checkpoint, into a sharded HF checkpoint plus a sparsity
+    report. A killed run started again with the same settings resumes at its first unfinished block."""
     from dlp import allocation as alloc
-    from dlp.checkpoint import save_checkpoint
     from dlp.models import resolve_device
-    from dlp.pruning import METHODS, MODES, parse_pattern, prune as run_prune
-    from dlp.recipe import needs
-    from dlp.statistics import collect_statistics
+    from dlp.pruning import METHODS, MODES, parse_pattern
 
     _set_data_dir(data_dir)
     pat = parse_pattern(pattern)
@@ -193,31 +223,41 @@ def prune(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: s
     a = _alpha(alpha)
     alloc.check_params(allocation, p, 0.15 if a == "auto" else a, "median" if statistic == "auto" else statistic, owl_lambda)
     device = resolve_device(device)
+    budget = _budget(memory_budget)
     if out.exists() and any(out.iterdir()):
         raise DLPError(f"--out {out} exists and is not empty; choose a new folder")
     net, tok, ref, windows = _prepare(model, revision, dtype, trust_remote_code, calibration, nsamples, seqlen, seed, as_json)
-    stats = None
-    if needs(method, mode, allocation).statistics:
-        stats = collect_statistics(net, windows, device=device, batch_size=batch_size, owl_m=owl_m)
-        auto = {"tok": tok, "calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
-                "windows": windows, "heldout": heldout, "method": method, "pattern": pat, "mode": mode,
-                "device": device, "batch_size": batch_size,
-                "report": alpha_report or out.with_name(out.name + "-alpha-search")}
-        result = _allocation(net, stats, allocation, p, a, statistic, owl_m, owl_lambda, auto=auto)
-    else:
-        result = alloc.uniform(len(__import__("dlp.decoder", fromlist=["x"]).find_decoder(net).blocks), p)
-    report = run_prune(net, result.ratios, method=method, pattern=pat, mode=mode, windows=windows, stats=stats,
-                       device=device, batch_size=batch_size)
-    summary = {**report.to_json(), "allocation": result.to_json(), "model": ref.source,
-               "calibration": {"source": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}}
-    save_checkpoint(net, tok, out, summary)
-    summary["out"] = str(out)
+    _check_disk(net, out, windows, spill_dir)
+    settings = {"method": method, "mode": mode, "pattern": str(pat), "device": device, "batch_size": batch_size,
+                "calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
+    auto = {**settings, "load": _in_memory(ref, dtype, trust_remote_code), "tok": tok, "windows": windows,
+            "heldout": heldout, "pattern": pat, "report": alpha_report or out.with_name(out.name + "-alpha-search")}
+    from cli.streamed_prune import run_streamed_prune
+
+    summary = run_streamed_prune(net, ref, windows, out, settings, allocation=allocation, sparsity=p, alpha=a,
+                                 statistic=statistic, owl_m=owl_m, owl_lambda=owl_lambda, auto=auto, budget=budget,
+                                 spill_dir=spill_dir, max_shard_size=max_shard_size, allocate=_allocation, quiet=as_json)
     if as_json:
         typer.echo(json.dumps({k: v for k, v in summary.items() if k != "per_linear"}))
     else:
         typer.echo(f"pruned {ref.source} with {method} ({mode}, {pat}) at {allocation}: achieved sparsity "
-                   f"{report.overall:.4f}; checkpoint in {out}")
-        _echo_alpha_search(result.params)
+                   f"{summary['achieved_sparsity']:.4f}; checkpoint in {out}")
+        _echo_alpha_search(summary["allocation"])
+
+
+def _check_disk(net, out: Path, windows, spill_dir) -> None:
+    """Free disk for the output checkpoint and the resumable run's calibration states, before any work."""
+    from dlp.resources import check_free_disk
+
+    hidden = net.config.hidden_size * windows.numel() * torch_itemsize(net.dtype) * 2
+    check_free_disk(out.parent if out.parent.exists() else Path("."), net.reader.nbytes + hidden, "the pruned checkpoint "
+                    "and the calibration states")
+
+
+def torch_itemsize(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
 
 
 @app.command()
@@ -227,11 +267,15 @@ def ppl(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: str
         data_dir: Optional[Path] = DataDirOpt, seqlen: int = SeqlenOpt,
         max_windows: Optional[int] = typer.Option(None, "--max-windows", help="only the first N windows"),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="windows per forward"),
+        memory_budget: Optional[str] = BudgetOpt, spill_dir: Optional[Path] = SpillOpt,
         as_json: bool = JsonOpt):
-    """WikiText-2 perplexity with the papers' protocol."""
+    """WikiText-2 perplexity with the papers' protocol, streaming the model block by block."""
+    from transformers import AutoTokenizer
+
     from dlp import data as dlpdata
-    from dlp.models import load_model, resolve_device
+    from dlp.models import resolve_device, resolve_model
     from dlp.perplexity import perplexity
+    from dlp.streaming import open_streamed
 
     _set_data_dir(data_dir)
     if seqlen <= 1:
@@ -239,10 +283,14 @@ def ppl(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: str
     if max_windows is not None and max_windows <= 0:
         raise DLPError(f"--max-windows must be a positive integer, got {max_windows}")
     device = resolve_device(device)
-    net, tok, ref = load_model(model, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
-    ids = dlpdata.evaluation_tokens(tok, dlpdata.load_text(data))
-    result = {**perplexity(net, ids, seqlen, max_windows=max_windows, device=device, batch_size=batch_size),
-              "model": ref.source, "data": data}
+    budget = _budget(memory_budget)
+    text = dlpdata.load_text(data)
+    ref = resolve_model(model, revision)
+    with open_streamed(ref, dtype=dtype, trust_remote_code=trust_remote_code) as net:
+        tok = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=trust_remote_code)
+        ids = dlpdata.evaluation_tokens(tok, text)
+        result = {**perplexity(net, ids, seqlen, max_windows=max_windows, device=device, batch_size=batch_size,
+                               memory_budget=budget, spill_dir=spill_dir), "model": ref.source, "data": data}
     typer.echo(json.dumps(result) if as_json else f"perplexity {result['ppl']:.4f} over {result['windows']} x {seqlen} tokens")
 
 
@@ -253,8 +301,11 @@ def eval_(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: s
           limit: Optional[int] = typer.Option(None, "--limit", help="only the first N documents of each task"),
           batch_size: int = typer.Option(8, "--batch-size", help="lm-eval batch size"),
           tasks_source: str = typer.Option("local", "--tasks-source", help="local (offline files) | hub (stock tasks)"),
+          max_memory: Optional[str] = typer.Option(None, "--max-memory", help="load at most this much (e.g. 20GB); the rest is offloaded to --offload-dir (accelerate big-model inference)"),
+          offload_dir: Optional[Path] = typer.Option(None, "--offload-dir", help="folder for offloaded weights when the model exceeds --max-memory"),
           as_json: bool = JsonOpt):
-    """Zero-shot accuracy through lm-eval on the in-memory model (offline task definitions by default)."""
+    """Zero-shot accuracy through lm-eval (offline task definitions by default); a model larger than
+    --max-memory runs through accelerate's big-model inference with the rest offloaded to disk."""
     from dlp.models import load_model, resolve_device
     from dlp.zeroshot import evaluate_zero_shot, resolve_tasks
 
@@ -263,7 +314,9 @@ def eval_(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: s
         raise DLPError(f"--limit must be a positive integer, got {limit}")
     names = resolve_tasks(tasks, tasks_source)  # unknown names fail before the model loads
     device = resolve_device(device)
-    net, tok, ref = load_model(model, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code)
+    limit_bytes = None if max_memory is None else _budget_of(max_memory, "--max-memory")
+    net, tok, ref = load_model(model, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
+                               max_memory=limit_bytes, offload_dir=offload_dir)
     result = evaluate_zero_shot(net, tok, names, limit=limit, batch_size=batch_size, tasks_source=tasks_source,
                                 device=device)
     result["model"] = ref.source

@@ -28,6 +28,7 @@ from torch import nn
 
 from .decoder import DecoderLayout, find_decoder
 from .hidden import HiddenStates, allocate_pair
+from .resources import bound_heap
 from .resume import BlockJournal
 from .weights import ModelWeights, source_parts
 
@@ -108,6 +109,7 @@ class CalibrationEngine:
     def __init__(self, model: nn.Module, windows: torch.Tensor, *, device: str | torch.device = "cpu",
                  batch_size: int | None = None, layout: DecoderLayout | None = None, weights=None,
                  memory_budget: int | None = None, spill_dir=None):
+        bound_heap()
         self.model = model
         self.layout = layout or find_decoder(model)
         self.weights = weights if weights is not None else ModelWeights(self.layout)

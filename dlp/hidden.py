@@ -10,16 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import psutil
 import torch
 
-#: share of the currently available memory the calibration states may use before they spill
-BUDGET_SHARE = 0.5
-
-
-def default_budget() -> int:
-    """Bytes the calibration states may hold in memory: half of what the machine has available now."""
-    return int(psutil.virtual_memory().available * BUDGET_SHARE)
+from .resources import default_budget
 
 
 class HiddenStates:
