@@ -2,7 +2,13 @@
 random models of each architecture, and times a larger random Llama-shaped model on the GPU
 (statistics vs a plain forward), with the blocks streamed from CPU memory one at a time.
 
-    python benchmarks/device_check.py        # needs a CUDA device; prints one line per check
+    python benchmarks/device_check.py                 # needs a CUDA device; prints one line per check
+    python benchmarks/device_check.py --timing-7b     # + out-of-core timing on a random LLaMA-2-7B-shaped model
+
+``--timing-7b`` writes a random-initialised LLaMA-2-7B-shaped bf16 checkpoint (generated on the device machine,
+never shipped; see random_model.py) to a temporary folder, then prunes it end to end from disk with the streamed
+engine on the GPU -- statistics, DLP rates at 70 %, sequential Wanda, sharded output -- with 128 x 2048
+calibration tokens, printing wall time, peak GPU memory and the ratio to one plain streamed forward.
 """
 from __future__ import annotations
 
@@ -73,8 +79,48 @@ def main() -> int:
     print(f"random Llama 8 x 2048 hidden, fp16, 64 x 2048 tokens: floor (model resident on GPU) {floor:.2f}s; "
           f"statistics (blocks streamed from CPU) {t_stats:.2f}s = {t_stats / floor:.2f}x; rates + one-shot Wanda "
           f"{t_prune:.2f}s; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    if "--timing-7b" in sys.argv:
+        timing_7b()
     print("FAILURES", failures)
     return 1 if failures else 0
+
+
+def timing_7b(nsamples: int = 128, seqlen: int = 2048) -> None:
+    import shutil
+    import tempfile
+
+    from benchmarks.random_model import make
+    from dlp.engine import CalibrationEngine
+    from dlp.perplexity import _NoVisitor
+    from dlp.pruning import prune_checkpoint
+    from dlp.streaming import open_streamed
+
+    work = Path(tempfile.mkdtemp(prefix="dlp-7b-"))
+    try:
+        t = time.perf_counter()
+        make("llama-2-7b", work / "src")
+        print(f"random LLaMA-2-7B-shaped bf16 checkpoint written in {time.perf_counter() - t:.1f}s")
+        ids = torch.randint(0, 32000, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+        with open_streamed(work / "src") as sm:
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            CalibrationEngine.over(sm, ids, device="cuda").walk(_NoVisitor()).close()
+            torch.cuda.synchronize()
+            floor = time.perf_counter() - t
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        with open_streamed(work / "src") as sm:
+            stats = collect_statistics(sm, ids, device="cuda")
+            ratios = allocation.dlp(stats, 0.7, 0.15, "median").ratios
+            rep = prune_checkpoint(sm, work / "out", ratios, method="wanda", mode="sequential", windows=ids,
+                                   device="cuda")
+        torch.cuda.synchronize()
+        total = time.perf_counter() - t
+        print(f"7B-shaped, {nsamples} x {seqlen}: plain streamed forward {floor:.1f}s; statistics + DLP rates + "
+              f"sequential Wanda + sharded output {total:.1f}s = {total / floor:.2f}x; achieved {rep.overall:.4f}; "
+              f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,20 @@ def _log(msg: str, quiet: bool) -> None:
         typer.echo(msg, err=True)
 
 
+def _progress(quiet: bool) -> None:
+    """Show the engine's per-block progress on stderr (not with --json)."""
+    import logging
+
+    logger = logging.getLogger("dlp.engine")
+    if quiet or any(getattr(h, "_dlp_cli", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._dlp_cli = True
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def _prepare(model, revision, dtype, trust, calibration, nsamples, seqlen, seed, quiet):
     """Check the settings and the calibration text, open the model for streaming (its checkpoint validated,
     nothing loaded), draw the windows. Returns (streamed model, tokenizer, ref, windows)."""
@@ -76,6 +90,7 @@ def _prepare(model, revision, dtype, trust, calibration, nsamples, seqlen, seed,
     if seqlen <= 1:
         raise DLPError(f"--seqlen must be an integer above 1, got {seqlen}")
     text = data.load_text(calibration)  # bad data fails before the model is opened
+    _progress(quiet)
     t = time.perf_counter()
     ref = models.resolve_model(model, revision)
     sm = open_streamed(ref, dtype=dtype, trust_remote_code=trust)
@@ -285,6 +300,7 @@ def ppl(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: str
     device = resolve_device(device)
     budget = _budget(memory_budget)
     text = dlpdata.load_text(data)
+    _progress(as_json)
     ref = resolve_model(model, revision)
     with open_streamed(ref, dtype=dtype, trust_remote_code=trust_remote_code) as net:
         tok = AutoTokenizer.from_pretrained(ref.path, trust_remote_code=trust_remote_code)

@@ -4,12 +4,14 @@ A checkpoint folder holds either one ``model.safetensors`` or shards listed by `
 (Hugging Face's layout). :class:`CheckpointReader` validates the whole layout up front from the shard headers
 alone (a few KB per shard): an index naming a missing file, a shard missing from the folder, a truncated or
 corrupt shard, or a tensor the index promises but no shard holds, each stops with one line naming the file --
-before any expensive stage. Tensors are then read one at a time with ``safe_open`` (the shard is memory-mapped
-only while a :meth:`CheckpointReader.session` is open, so a finished block's pages are released).
+before any expensive stage. Tensors are then read one at a time straight into their own memory with ``pread``
+at the offsets the header gives: memory-mapping the shard (``safe_open``) would count every page read toward the
+process's memory a second time, beside the tensor copied out of it (a 7B embedding: 0.8 GB instead of 0.4 GB).
 """
 from __future__ import annotations
 
 import json
+import os
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ class TensorInfo:
     file: str  # shard file name inside the folder
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = 0  # absolute byte offset of the data in the file
 
     @property
     def numel(self) -> int:
@@ -53,8 +56,9 @@ class TensorInfo:
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
-def read_header(path: Path) -> dict:
-    """The JSON header of one safetensors file, checked against the file's size (one line on any fault)."""
+def read_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of one safetensors file, checked against the file's size (one line on any fault), and
+    where its data section starts."""
     try:
         size = path.stat().st_size
         with path.open("rb") as fh:
@@ -74,7 +78,7 @@ def read_header(path: Path) -> dict:
     if 8 + n + end > size:
         raise DLPError(f"checkpoint shard {path} is truncated ({size} bytes, its header needs {8 + n + end}); "
                        f"re-download or re-save it")
-    return header
+    return header, 8 + n
 
 
 def _shard_files(folder: Path) -> dict[str, str]:
@@ -108,14 +112,15 @@ class CheckpointReader:
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, dict] = {}
         for file in files:
-            header = read_header(self.folder / file)
+            header, start = read_header(self.folder / file)
             self.metadata[file] = header.get("__metadata__") or {}
             for name, spec in header.items():
                 if name == "__metadata__":
                     continue
                 if spec["dtype"] not in DTYPES:
                     raise DLPError(f"tensor {name} in {self.folder / file} has dtype {spec['dtype']}, which DLP cannot read")
-                self.tensors[name] = TensorInfo(name, file, DTYPES[spec["dtype"]], tuple(int(d) for d in spec["shape"]))
+                self.tensors[name] = TensorInfo(name, file, DTYPES[spec["dtype"]], tuple(int(d) for d in spec["shape"]),
+                                                start + int(spec["data_offsets"][0]))
         missing = sorted(k for k, f in weight_map.items() if k not in self.tensors)
         if missing:
             raise DLPError(f"{self.folder / INDEX_NAME} lists {len(missing)} tensors that no shard holds (e.g. "
@@ -151,20 +156,29 @@ class CheckpointReader:
 
 
 class ReadSession:
-    """Open shard handles of one :meth:`CheckpointReader.session`."""
+    """Open shard files of one :meth:`CheckpointReader.session`."""
 
     def __init__(self, reader: CheckpointReader):
         self.reader = reader
-        self._open: dict[str, object] = {}
+        self._open: dict[str, int] = {}
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         info = self.reader.info(name)
-        handle = self._open.get(info.file)
-        if handle is None:
-            handle = self._open[info.file] = safe_open(str(self.reader.folder / info.file), framework="pt")
-        return handle.get_tensor(name)
+        fd = self._open.get(info.file)
+        if fd is None:
+            fd = self._open[info.file] = os.open(self.reader.folder / info.file, os.O_RDONLY)
+        out = torch.empty(info.shape, dtype=info.dtype)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], info.offset + done)
+            if n <= 0:
+                raise DLPError(f"checkpoint shard {self.reader.folder / info.file} ended inside tensor {name}; "
+                               f"re-download it")
+            done += n
+        return out
 
     def close(self) -> None:
+        for fd in self._open.values():
+            os.close(fd)
         self._open.clear()

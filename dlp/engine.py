@@ -18,6 +18,8 @@ finished block (a streamed pruner writes it to the output checkpoint there).
 """
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,6 +33,19 @@ from .hidden import HiddenStates, allocate_pair
 from .resources import bound_heap
 from .resume import BlockJournal
 from .weights import ModelWeights, source_parts
+
+
+log = logging.getLogger("dlp.engine")
+
+
+def _test_pause(index: int) -> None:
+    """Test seam: ``DLP_ENGINE_PAUSE=<block>:<seconds>`` sleeps before that block (lets a test kill a run at a
+    known block). Never set it in production."""
+    value = os.environ.get("DLP_ENGINE_PAUSE")
+    if value:
+        block, _, seconds = value.partition(":")
+        if int(block) == index:
+            time.sleep(float(seconds))
 
 
 class _StopForward(Exception):
@@ -115,9 +130,7 @@ class CalibrationEngine:
         self.weights = weights if weights is not None else ModelWeights(self.layout)
         self.windows = windows
         self.device = torch.device(device)
-        n, seqlen = windows.shape
-        # micro-batch: keep a block's activations modest (about 8k tokens at a time by default)
-        self.batch_size = batch_size or max(1, min(n, 8192 // max(seqlen, 1)))
+        self.batch_size = batch_size or default_batch_size(self.layout, windows.shape)
         self.memory_budget, self.spill_dir = memory_budget, spill_dir
         self.counters = EngineCounters()
         self._kwargs: dict[int, tuple[tuple, dict]] = {}
@@ -213,14 +226,17 @@ class CalibrationEngine:
         self.counters.forward_s += time.perf_counter() - start
 
     def walk(self, visitor: BlockVisitor, *, sequential: bool = False, blocks: range | None = None,
-             sink: BlockSink | None = None, journal: BlockJournal | None = None) -> HiddenStates:
+             sink: BlockSink | None = None, journal: BlockJournal | None = None, label: str = "walk") -> HiddenStates:
         """Stream the calibration set through the blocks, calling ``visitor`` at each (module docstring).
-        Returns the buffer holding the last block's outputs."""
+        Returns the buffer holding the last block's outputs. Each block is logged (``dlp.engine``, INFO) as
+        ``<label>: block i/n``."""
         indices = blocks if blocks is not None else range(self.layout.num_blocks)
         hidden, spare = self._start(visitor, journal, indices)
         for index in indices:
             if journal is not None and index < journal.next_block:
                 continue
+            _test_pause(index)
+            log.info("%s: block %d/%d", label, index + 1, self.layout.num_blocks)
             self._visit(index, visitor, sequential, hidden, spare, sink)
             if journal is not None:
                 tensors, meta = visitor.block_state(index)
@@ -266,12 +282,14 @@ class CalibrationEngine:
                 sink(index, block)
 
     def walk_weights(self, visitor: BlockVisitor, *, sink: BlockSink | None = None,
-                     journal: BlockJournal | None = None) -> None:
+                     journal: BlockJournal | None = None, label: str = "walk") -> None:
         """Visit every block without calibration data (magnitude, Wanda from stored statistics)."""
         start = journal.next_block if journal is not None else 0
         for index in range(start):
             visitor.restore_block(index, *journal.load_block(index))
         for index in range(start, self.layout.num_blocks):
+            _test_pause(index)
+            log.info("%s: block %d/%d", label, index + 1, self.layout.num_blocks)
             with torch.no_grad(), self.weights.block(index, self.device) as block:
                 visitor.after_forward(index, block, {})
                 if sink is not None:
@@ -279,6 +297,20 @@ class CalibrationEngine:
             if journal is not None:
                 journal.save_block(index, *visitor.block_state(index))
                 journal.commit(index)
+
+
+#: default micro-batch: about 8k tokens, fewer when the widest linear output would pass ACTIVATION_BYTES
+BATCH_TOKENS = 8192
+ACTIVATION_BYTES = 64 * 2**20
+
+
+def default_batch_size(layout: DecoderLayout, shape: tuple[int, ...]) -> int:
+    """Windows per micro-batch: ~8k tokens, capped so one float32 activation of the block's widest linear
+    stays under 64 MiB (a 7B MLP gets 1 window of 2048, SmolLM2 16 of 512)."""
+    n, seqlen = shape
+    widest = max((lin.out_features for lin in layout.linears(0).values()), default=1)
+    tokens = min(BATCH_TOKENS, max(seqlen, ACTIVATION_BYTES // (4 * widest)))
+    return max(1, min(n, tokens // max(seqlen, 1)))
 
 
 def _attach(linears: dict[str, nn.Linear], collectors: dict[str, InputCollector]):

@@ -66,7 +66,7 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, *, max_windows: int | None
     chunks = _check(ids, seqlen, max_windows)
     engine = CalibrationEngine.over(model, chunks, device=device, batch_size=batch_size, memory_budget=memory_budget,
                                     spill_dir=spill_dir)
-    final = engine.walk(_NoVisitor())
+    final = engine.walk(_NoVisitor(), label="perplexity")
     try:
         nll = _head_nll(engine, final, chunks, progress)
     finally:

@@ -23,7 +23,7 @@ import torch
 
 from .engine import CalibrationEngine, InputCollector
 from .errors import DLPError
-from .statistics import BlockStatistics, wanda_scores
+from .statistics import ROW_CHUNK, BlockStatistics, wanda_scores
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 MODES = ("sequential", "oneshot")
@@ -164,10 +164,6 @@ class PruneReport:
                 "seconds": self.seconds}
 
 
-#: rows scored and masked at a time: bounds the float32 scores and sort indices of a large linear
-ROW_CHUNK = 1024
-
-
 def _score_and_mask(W: torch.Tensor, method: str, ratio: float, pattern: Pattern, n: int,
                     norm2: torch.Tensor | None, nsamples: int) -> int:
     """Zero the pruned weights of one linear in place (magnitude or Wanda); returns how many were zeroed."""
@@ -283,10 +279,10 @@ def prune(model, ratios: list[float], *, method: str = "wanda", pattern: str | P
     nsamples = windows.shape[0] if needs_data else (stats.nsamples if stats is not None else 1)
     pruner = _Pruner(layout, method, list(ratios), pattern, report, norm2, nsamples, engine.device)
     if needs_data:
-        engine.walk(pruner, sequential=(mode == "sequential"), sink=sink, journal=journal).close()
+        engine.walk(pruner, sequential=(mode == "sequential"), sink=sink, journal=journal, label="prune").close()
         report.block_passes = engine.counters.passes_per_block()
     else:
-        engine.walk_weights(pruner, sink=sink, journal=journal)
+        engine.walk_weights(pruner, sink=sink, journal=journal, label="prune")
     report.seconds = time.perf_counter() - start
     return report
 

@@ -77,5 +77,13 @@ def check_free_disk(folder, need: int, what: str) -> None:
         path = path.parent
     free = shutil.disk_usage(path).free
     if free < need:
-        raise DLPError(f"{path} has {free / 1e9:.1f} GB free but {what} need {need / 1e9:.1f} GB; free disk space "
+        raise DLPError(f"{path} has {human_size(free)} free but {what} need {human_size(need)}; free disk space "
                        f"or write elsewhere")
+
+
+def human_size(nbytes: float) -> str:
+    """``1.5 GB``, ``320 MB``, ``12 KB`` (decimal units, as disks are sold)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} B"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,14 +29,45 @@ def wanda_scores(weight: torch.Tensor, norm2: torch.Tensor, nsamples: int) -> to
     return weight.detach().abs().to(torch.float32) * torch.sqrt(norm2.to(weight.device) / nsamples).reshape(1, -1)
 
 
-def pooled_statistics(scores: list[torch.Tensor], owl_m: float = DEFAULT_OWL_M) -> dict[str, float]:
-    """Mean, median (lower middle, as ``torch.median``) and OWL outlier ratio (%) of pooled scores."""
-    pooled = torch.cat([s.flatten() for s in scores])
-    mean = pooled.mean()
-    k = (pooled.numel() + 1) // 2  # kthvalue has no 16M-element limit, unlike quantile
-    median = pooled.kthvalue(k).values
-    outliers = (pooled > mean * owl_m).sum().item() / pooled.numel() * 100.0
-    return {"mean": float(mean), "median": float(median), "owl_outlier_ratio": float(outliers)}
+#: rows scored at a time: a 7B block pools ~200M scores, which are never materialised together
+ROW_CHUNK = 256
+_HALF = 1 << 16
+
+
+def score_chunks(pairs: list[tuple[torch.Tensor, torch.Tensor]], nsamples: int) -> Iterator[torch.Tensor]:
+    """The Wanda scores of several linears (``(weight, norm2)`` pairs), ``ROW_CHUNK`` rows at a time."""
+    for weight, norm2 in pairs:
+        for lo in range(0, weight.shape[0], ROW_CHUNK):
+            yield wanda_scores(weight[lo : lo + ROW_CHUNK], norm2, nsamples).reshape(-1)
+
+
+def pooled_statistics(chunks: Callable[[], Iterable[torch.Tensor]], owl_m: float = DEFAULT_OWL_M) -> dict[str, float]:
+    """Mean, median (lower middle, exactly as ``torch.median``/``kthvalue``) and OWL outlier ratio (%) of the
+    pooled scores that ``chunks()`` yields (called twice), without holding them all: scores are non-negative,
+    so their float32 bit patterns sort like their values, and the k-th smallest is found exactly from a
+    histogram of the high 16 bits (pass 1, with the sum and count) and then of the low 16 bits inside the
+    chosen bucket (pass 2, with the outlier count)."""
+    count, total = 0, 0.0
+    high = torch.zeros(_HALF, dtype=torch.int64)
+    for c in chunks():
+        count += c.numel()
+        total += float(c.sum(dtype=torch.float64))
+        high += torch.bincount((c.view(torch.int32) >> 16).to(torch.int64).cpu(), minlength=_HALF)
+    mean = total / count
+    k = (count + 1) // 2
+    cum = high.cumsum(0)
+    bucket = int(torch.searchsorted(cum, k))
+    k_low = k - (int(cum[bucket - 1]) if bucket > 0 else 0)
+    low = torch.zeros(_HALF, dtype=torch.int64)
+    outliers = 0
+    for c in chunks():
+        bits = c.view(torch.int32)
+        inside = bits[(bits >> 16) == bucket]
+        low += torch.bincount((inside & 0xFFFF).to(torch.int64).cpu(), minlength=_HALF)
+        outliers += int((c > mean * owl_m).sum())
+    pattern = (bucket << 16) | int(torch.searchsorted(low.cumsum(0), k_low))
+    median = float(torch.tensor([pattern], dtype=torch.int32).view(torch.float32))
+    return {"mean": mean, "median": median, "owl_outlier_ratio": outliers / count * 100.0}
 
 
 @dataclass
@@ -80,9 +112,8 @@ class BlockStatistics:
         blocks = []
         for i, summary in enumerate(self.blocks):
             with torch.no_grad(), weights.block(i, torch.device("cpu")):
-                scores = [wanda_scores(lin.weight, self.norm2[layout.param_name(i, n)], self.nsamples)
-                          for n, lin in layout.linears(i).items()]
-                ratio = pooled_statistics(scores, owl_m)["owl_outlier_ratio"]
+                pairs = [(lin.weight, self.norm2[layout.param_name(i, n)]) for n, lin in layout.linears(i).items()]
+                ratio = pooled_statistics(lambda: score_chunks(pairs, self.nsamples), owl_m)["owl_outlier_ratio"]
             blocks.append({**summary, "owl_outlier_ratio": ratio})
         return BlockStatistics(self.norm2, blocks, self.nsamples, self.tokens, owl_m, dict(self.meta))
 
@@ -102,15 +133,13 @@ class StatisticsVisitor:
         return {n: InputCollector(l.in_features, self.device, self.hessian) for n, l in linears.items()}
 
     def after_forward(self, index, block, collectors) -> bool:
-        linears = self.layout.linears(index)
-        scores = []
-        for name, linear in linears.items():
+        pairs = []
+        for name, linear in self.layout.linears(index).items():
             c = collectors[name]
             self.norm2[self.layout.param_name(index, name)] = c.norm2.cpu()
-            scores.append(wanda_scores(linear.weight, c.norm2, self.nsamples))
+            pairs.append((linear.weight, c.norm2))
             self.tokens = c.tokens
-        self.blocks.append(pooled_statistics(scores, self.owl_m))
-        del scores
+        self.blocks.append(pooled_statistics(lambda: score_chunks(pairs, self.nsamples), self.owl_m))
         return False
 
     def block_state(self, index: int) -> tuple[dict[str, torch.Tensor], dict]:
@@ -135,7 +164,7 @@ def collect_statistics(model, windows: torch.Tensor, *, device: str = "cpu", bat
     engine = engine or CalibrationEngine.over(model, windows, device=device, batch_size=batch_size,
                                               memory_budget=memory_budget, spill_dir=spill_dir)
     visitor = StatisticsVisitor(engine.layout, engine.device, windows.shape[0], owl_m)
-    engine.walk(visitor, sequential=False, journal=journal).close()
+    engine.walk(visitor, sequential=False, journal=journal, label="statistics").close()
     return BlockStatistics(norm2=visitor.norm2, blocks=visitor.blocks, nsamples=windows.shape[0],
                            tokens=visitor.tokens, owl_m=owl_m,
                            meta={"block_passes": engine.counters.passes_per_block(),

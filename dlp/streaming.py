@@ -75,8 +75,10 @@ def skeleton(path: str | Path, dtype: str | None = "auto", trust_remote_code: bo
 
 
 def open_streamed(source: str | Path | ModelRef, *, dtype: str | None = "auto", trust_remote_code: bool = False,
-                  prefetch: bool = True) -> StreamedModel:
-    """A :class:`StreamedModel` for a local checkpoint folder (or a resolved :class:`ModelRef`)."""
+                  prefetch: bool = False) -> StreamedModel:
+    """A :class:`StreamedModel` for a local checkpoint folder (or a resolved :class:`ModelRef`). ``prefetch``
+    reads the next block on a background thread while the current one computes (one more block in memory);
+    on a CUDA device it is always on."""
     path = Path(source.path if isinstance(source, ModelRef) else source)
     if not (path / "config.json").is_file():
         raise DLPError(f"{path} is not a Hugging Face model folder (no config.json)")

@@ -135,7 +135,10 @@ class StreamedWeights:
         return out
 
     def prefetch(self, index: int, device: torch.device) -> None:
-        """Start reading block ``index`` in the background (no-op past the last block or without a pool)."""
+        """Start reading block ``index`` in the background: always toward a CUDA device (the copy overlaps the
+        GPU's work), on the CPU only when asked (it holds one more block in memory)."""
+        if self._pool is None and device.type == "cuda":
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlp-prefetch")
         if self._pool is not None and 0 <= index < self.layout.num_blocks and index not in self._pending:
             self._pending[index] = self._pool.submit(self.read, self.block_names(index), device)
 

@@ -138,13 +138,20 @@ def _check_arguments(limit: Any, batch_size: Any, tasks_source: str) -> None:
 
 
 def _wrap(model, tokenizer, device: str, batch_size: int):
-    """lm-eval's HFLM around the in-memory model (moved to ``device`` in place, never saved or reloaded)."""
+    """lm-eval's HFLM around the in-memory model (moved to ``device`` in place, never saved or reloaded). A model
+    dispatched by accelerate (``device_map``, weights offloaded to disk) stays where accelerate put it, and its
+    inputs go to ``device``."""
+    import torch
     from lm_eval.models.huggingface import HFLM
 
-    if device and str(getattr(model, "device", device)) != str(device):
+    dispatched = bool(getattr(model, "hf_device_map", None))
+    if device and not dispatched and str(getattr(model, "device", device)) != str(device):
         model.to(device)
     model.eval()
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if dispatched:
+        lm._device = torch.device(device or "cpu")  # its first weight may sit on the meta device (offloaded)
+    return lm
 
 
 def _simple_evaluate(lm, names: list[str], manager, tasks_source: str, *, seed: int, **options: Any) -> dict | None:
