@@ -104,4 +104,7 @@ def test_eval_past_max_memory_runs_offloaded_with_the_same_accuracy(sharded_tiny
     code, out2, err = run(capsys, *common, "--max-memory", "1MB", "--offload-dir", str(tmp_path / "offload"))
     assert code in (0, None), err
     assert json.loads(out)["tasks"]["arc_easy"]["acc"] == json.loads(out2)["tasks"]["arc_easy"]["acc"]
-    assert any((tmp_path / "offload").iterdir())  # weights really went to the offload folder
+    from dlp.models import load_model
+
+    net, _tok, _ref = load_model(str(sharded_tiny), max_memory=2**20, offload_dir=tmp_path / "offload")
+    assert "disk" in set(net.hf_device_map.values())  # accelerate really kept weights off memory
