@@ -235,8 +235,7 @@ class CalibrationEngine:
         for index in indices:
             if journal is not None and index < journal.next_block:
                 continue
-            _test_pause(index)
-            log.info("%s: block %d/%d", label, index + 1, self.layout.num_blocks)
+            self._announce(label, index)
             self._visit(index, visitor, sequential, hidden, spare, sink)
             if journal is not None:
                 tensors, meta = visitor.block_state(index)
@@ -245,6 +244,11 @@ class CalibrationEngine:
             hidden, spare = spare, hidden
         spare.close()
         return hidden
+
+    def _announce(self, label: str, index: int) -> None:
+        _test_pause(index)
+        n = self.layout.num_blocks
+        log.info("%s: block %d/%d", label, index + 1, n, extra={"dlp_block": index, "dlp_blocks": n})
 
     def _start(self, visitor, journal: BlockJournal | None, indices) -> tuple[HiddenStates, HiddenStates]:
         """The (inputs, spare) buffers of the first block to run: captured, or restored from the journal."""
@@ -288,8 +292,7 @@ class CalibrationEngine:
         for index in range(start):
             visitor.restore_block(index, *journal.load_block(index))
         for index in range(start, self.layout.num_blocks):
-            _test_pause(index)
-            log.info("%s: block %d/%d", label, index + 1, self.layout.num_blocks)
+            self._announce(label, index)
             with torch.no_grad(), self.weights.block(index, self.device) as block:
                 visitor.after_forward(index, block, {})
                 if sink is not None:

@@ -172,6 +172,16 @@ def config_dtype(config) -> torch.dtype:
     return value if value in DTYPES.values() else torch.float32
 
 
+def native_dtype_name(path: str | Path) -> str:
+    """The checkpoint's own dtype as written in its ``config.json`` (``float32`` when unset or unusual)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    value = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
+    return value if value in DTYPES else "float32"
+
+
 def checkpoint_bytes(path: str | Path) -> int:
     """Bytes of the safetensors weights in a model folder."""
     return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 
@@ -43,9 +42,10 @@ def is_auto(allocation: str, alpha: object, statistic: object) -> bool:
     return allocation == "dlp" and (alpha == "auto" or statistic == "auto")
 
 
-def statistics_with_owl_m(stats: BlockStatistics, model: nn.Module | Callable[[], nn.Module], owl_m: float) -> BlockStatistics:
-    """``stats`` with OWL outlier ratios at threshold ``owl_m``; ``model`` (or a loader of it) is touched only
-    when ``owl_m`` differs from the M the statistics were collected with."""
+def statistics_with_owl_m(stats: BlockStatistics, model, owl_m: float) -> BlockStatistics:
+    """``stats`` with OWL outlier ratios at threshold ``owl_m``; ``model`` (in memory or a
+    :class:`dlp.streaming.StreamedModel`, or a loader of either) is touched only when ``owl_m`` differs from the M
+    the statistics were collected with."""
     if float(owl_m) == float(stats.owl_m):
         return stats
     net = model() if callable(model) and not isinstance(model, nn.Module) else model

@@ -21,7 +21,7 @@ from prefect import flow
 
 from pipeline.cache import stage_logger
 from pipeline.jobconfig import resolve_job
-from pipeline.stage_inputs import model_settings, prune_params, rates_inputs, store_spec
+from pipeline.stage_inputs import model_settings, prune_params, rates_inputs, resolve_dtype, store_spec
 from pipeline.stages.evaluate import evaluation_spec
 from pipeline.summary import stage_record, summarize
 from tasks.evaluate import baseline_task, evaluate_task
@@ -51,16 +51,18 @@ def call_stage(task_obj, stages: dict[str, Any], stage: str, **kwargs: Any) -> A
 def prepare(cfg, stages: dict[str, Any]):
     """Preflight, store, result storage, and the shared front of the pipeline (fetch, calibration,
     statistics, dense baseline). Returns (spec, model, calib, stats, eval_spec, baseline)."""
-    from pipeline.preflight import run_preflight
+    from pipeline.preflight import check_disk_for_model, run_preflight
 
     logger = stage_logger("compress")
     for line in run_preflight(cfg):
         logger.info("preflight: %s", line)
     spec = store_spec(cfg)
     store = spec.as_dict()
-    settings = model_settings(cfg)
     model = call_stage(fetch_task, stages, "fetch", store=store, source=cfg.model.source,
                        revision=cfg.model.revision)
+    resolve_dtype(cfg, model)
+    logger.info("preflight: %s", check_disk_for_model(cfg, model.ref.path, cfg.model.dtype))
+    settings = model_settings(cfg)
     c = cfg.calibration
     calib = call_stage(calibration_task, stages, "calibration", store=store, model=model,
                        source=c.source, nsamples=c.nsamples, seqlen=c.seqlen, seed=c.seed, data_dir=cfg.data_dir,

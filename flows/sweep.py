@@ -82,11 +82,12 @@ def sweep(job: dict | None = None, job_file: str | None = None, overrides: dict 
     "table": str, "rows": [...], "stages": {shared stages}, "sweep_run_id", "dense_ppl"}``."""
     t0 = time.perf_counter()
     base = resolve_job(job, job_file, overrides)
-    variants = expand_variants(base, methods, allocations, sparsities, alphas)
+    variants = expand_variants(base, methods, allocations, sparsities, alphas)  # bad axes fail before any stage
     logger = stage_logger("sweep")
     logger.info("sweep: %d variants of %s: %s", len(variants), base.model.source, ", ".join(v.variant_name() for v in variants))
     stages: dict[str, Any] = {}
     spec, model, calib, stats, espec, baseline = prepare(base, stages)
+    variants = expand_variants(base, methods, allocations, sparsities, alphas)  # with the dtype prepare resolved
     shared = {"store": spec.as_dict(), "model": model, "calib": calib, "stats": stats, "espec": espec,
               "baseline": baseline}
     outcomes = [(v, _collect(v, f, shared, stages, logger)) for v, f in [(v, _submit(v, shared)) for v in variants]]

@@ -216,41 +216,32 @@ def stage_logger(stage: str) -> logging.LoggerAdapter | logging.Logger:
 
 
 @contextmanager
-def block_progress(model: Any, stage: str, every_s: float = 5.0) -> Iterator[None]:
-    """Log ``<stage>: block i/N`` while the calibration engine walks the decoder (throttled, stderr)."""
-    try:
-        from dlp.decoder import find_decoder
-
-        blocks = find_decoder(model).blocks
-    except Exception:  # progress is best effort
-        yield
-        return
+def engine_progress(stage: str, every_s: float = 5.0) -> Iterator[None]:
+    """Forward the calibration engine's per-block progress (logger ``dlp.engine``) to the stage's log (throttled)
+    and to the test seams (``hook(stage, "block<i>")``, 0-based), while the stage runs."""
     logger = stage_logger(stage)
-    n = len(blocks)
-    seen: set[int] = set()
-    last = [time.monotonic()]
-    handles = []
+    last = [0.0]
 
-    def make(i: int):
-        def pre_hook(_module, _args, _kwargs=None):
-            if i in seen:
-                return None
-            seen.add(i)
+    class _Bridge(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            block, total = getattr(record, "dlp_block", None), getattr(record, "dlp_blocks", None)
+            if block is None:
+                return
+            hook(stage, f"block{block}")
             now = time.monotonic()
-            if now - last[0] >= every_s or i == n - 1:
+            if now - last[0] >= every_s or block == total - 1:
                 last[0] = now
-                logger.info("%s: block %d/%d", stage, i + 1, n)
-            return None
+                logger.info("%s: block %d/%d", stage, block + 1, total)
 
-        return pre_hook
-
-    for i, b in enumerate(blocks):
-        handles.append(b.register_forward_pre_hook(make(i)))
+    engine_log = logging.getLogger("dlp.engine")
+    bridge, level = _Bridge(), engine_log.level
+    engine_log.addHandler(bridge)
+    engine_log.setLevel(logging.INFO)
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
+        engine_log.removeHandler(bridge)
+        engine_log.setLevel(level)
 
 
 # ============================================================================================ running a stage

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dlp import bounds
 from dlp.zeroshot import ZERO_SHOT_7
@@ -69,7 +69,8 @@ class ModelSection(_Section):
         description="'smollm2-135m' (bundled), a hub id (meta-llama/Llama-2-7b-hf), a local folder, or a .gguf file",
     )
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="compute dtype; auto = the checkpoint's own (config.json), resolved after fetch")
     device: Literal["cpu", "cuda"] = "cpu"
     trust_remote_code: bool = False
 
@@ -142,6 +143,29 @@ class RegistrySection(_Section):
     alias: str = Field("candidate", min_length=1, description="alias moved to each newly registered version")
 
 
+class ResourcesSection(_Section):
+    """Memory and disk of the out-of-core engine (see dlp.resources)."""
+
+    memory_budget: str | None = Field(None, description="memory for calibration states before they spill to the "
+                                                         "work dir, e.g. 8GB (None: half the available memory); also "
+                                                         "the limit past which zero-shot runs offloaded")
+    max_shard_size: str = Field("5GB", description="shard size of pruned checkpoints")
+
+    @field_validator("memory_budget", "max_shard_size")
+    @classmethod
+    def _size(cls, value: str | None, info) -> str | None:
+        from dlp.resources import parse_size
+
+        if value is not None:
+            parse_size(value, f"resources.{info.field_name}")
+        return value
+
+    def budget_bytes(self) -> int | None:
+        from dlp.resources import parse_size
+
+        return None if self.memory_budget is None else parse_size(self.memory_budget)
+
+
 class StorageSection(_Section):
     uri: str | None = Field(None, description="artifact store: path, file:///abs/path or s3://bucket/prefix")
     endpoint_url: str | None = Field(None, description="S3 endpoint (default: $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL)")
@@ -160,6 +184,7 @@ class JobConfig(_Section):
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     registry: RegistrySection = Field(default_factory=RegistrySection)
     storage: StorageSection = Field(default_factory=StorageSection)
+    resources: ResourcesSection = Field(default_factory=ResourcesSection)
     workdir: str = Field(".dlp-work", min_length=1)
     data_dir: str | None = Field(default_factory=_env_data_dir, description="shared data folder (default: $DLP_DATA_DIR)")
 

@@ -31,7 +31,7 @@ from pipeline.registry import default_artifact_location, resolve_tracking_uri, s
 if TYPE_CHECKING:  # pragma: no cover
     from pipeline.jobconfig import JobConfig
 
-__all__ = ["PreflightError", "check_s3", "check_tracking_uri", "check_workdir", "check_writable_dir", "run_preflight"]
+__all__ = ["PreflightError", "check_disk_for_model", "check_s3", "check_tracking_uri", "check_workdir", "check_writable_dir", "run_preflight"]
 
 DEFAULT_TIMEOUT = 3.0
 
@@ -191,6 +191,28 @@ def check_tracking_uri(uri: str, *, timeout: float = DEFAULT_TIMEOUT) -> str:
         check_writable_dir(root, "MLflow tracking folder", fix)
         return f"MLflow tracking folder {root}"
     return f"MLflow tracking URI {uri} (scheme {scheme!r} not checked)"
+
+
+# ============================================================================================ disk
+def check_disk_for_model(job: "JobConfig", model_path: str, dtype: str) -> str:
+    """Free disk in the work dir for what the block-by-block stages write: the pruned checkpoint (in the work dir,
+    and once more in a local artifact store) and the journaled calibration states -- checked after fetch, before
+    the first expensive stage."""
+    import json
+
+    from dlp.models import DTYPES, checkpoint_bytes, native_dtype_name
+    from dlp.resources import human_size
+
+    size = lambda name: DTYPES[name].itemsize  # noqa: E731
+    out = checkpoint_bytes(model_path) * size(dtype) // size(native_dtype_name(model_path))
+    hidden_size = int(json.loads((Path(model_path) / "config.json").read_text()).get("hidden_size") or 0)
+    states = 2 * job.calibration.nsamples * job.calibration.seqlen * hidden_size * size(dtype)
+    need = out * (1 if job.storage_uri.startswith("s3://") else 2) + states
+    free = shutil.disk_usage(job.workdir_path if job.workdir_path.exists() else job.workdir_path.parent).free
+    if free < need:
+        raise PreflightError(f"work dir {job.workdir_path} has {human_size(free)} free but the pruned checkpoint and "
+                             f"the calibration states need {human_size(need)}; free disk space or set workdir elsewhere")
+    return f"disk: {human_size(free)} free in {job.workdir_path}, {human_size(need)} needed"
 
 
 # ============================================================================================ all

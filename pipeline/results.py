@@ -74,6 +74,7 @@ class FetchResult(StageResult):
     ref: ModelSource
     tokenizer_fp: str
     seconds: float
+    native_dtype: str = "float32"  # the checkpoint's own dtype (config.json): what ``model.dtype: auto`` means
 
 
 class CalibrationResult(StageResult):

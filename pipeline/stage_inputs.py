@@ -8,8 +8,8 @@ from typing import Any, Sequence
 from pipeline.cache import StoreSpec
 from pipeline.results import CalibrationResult
 
-__all__ = ["alloc_settings", "expand_variants", "model_settings", "prune_params", "rates_inputs", "search_settings",
-           "store_spec"]
+__all__ = ["alloc_settings", "expand_variants", "model_settings", "prune_params", "rates_inputs", "resolve_dtype",
+           "search_settings", "store_spec"]
 
 
 def store_spec(cfg) -> StoreSpec:
@@ -21,8 +21,17 @@ def store_spec(cfg) -> StoreSpec:
 
 
 def model_settings(cfg) -> dict[str, Any]:
+    """What the block-by-block stages run with (the dtype resolved by :func:`resolve_dtype` after fetch)."""
     return {"dtype": cfg.model.dtype, "device": cfg.model.device, "trust_remote_code": cfg.model.trust_remote_code,
-            "batch_size": None}
+            "batch_size": None, "memory_budget": cfg.resources.budget_bytes(),
+            "max_shard_size": cfg.resources.max_shard_size}
+
+
+def resolve_dtype(cfg, model) -> None:
+    """``model.dtype: auto`` becomes the fetched checkpoint's own dtype, so cache keys name the real dtype (an
+    explicit ``float32`` and ``auto`` on a float32 checkpoint share every artifact)."""
+    if cfg.model.dtype == "auto":
+        cfg.model.dtype = model.native_dtype
 
 
 def alloc_settings(cfg) -> dict[str, Any]:

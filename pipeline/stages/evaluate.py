@@ -22,6 +22,7 @@ from typing import Any, Mapping
 from pipeline.cache import (
     StoreSpec,
     content_key,
+    engine_progress,
     file_set_fingerprint,
     hook,
     json_put,
@@ -45,6 +46,7 @@ def evaluation_spec(job: Any) -> dict[str, Any]:
         "dtype": job.model.dtype,
         "device": job.model.device,
         "trust_remote_code": job.model.trust_remote_code,
+        "memory_budget": job.resources.budget_bytes(),
         "data_dir": job.data_dir,
         "perplexity": None,
         "zero_shot": None,
@@ -126,35 +128,52 @@ def evaluation_key(target: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
 
 # ============================================================================================ compute
 class _TargetModel:
-    """The evaluated model, loaded on first use (at most once per stage run; never when every part is cached)."""
+    """The evaluated model: its folder (a pruned checkpoint is materialised from the store on first use, never when
+    every part is cached), streamed block by block for perplexity, loaded for zero-shot -- whole when it fits the
+    memory budget, through accelerate's big-model inference with the rest offloaded past it."""
 
     def __init__(self, spec: StoreSpec, target: Mapping[str, Any], settings: Mapping[str, Any]):
         self.spec, self.target, self.settings = spec, target, settings
-        self.loaded: tuple[Any, Any] | None = None
+        self._ref = None
         self.load_seconds = 0.0
 
-    def start(self, stage: str) -> tuple[Any, Any, float]:
-        """(model, tokenizer, start time) for computing one part of ``stage``."""
-        hook(stage, "start")
-        net, tok = self.get()
-        return net, tok, time.perf_counter()
+    def ref(self):
+        if self._ref is None:
+            from dlp.models import ModelRef
 
-    def get(self) -> tuple[Any, Any]:
-        if self.loaded is None:
-            from dlp.models import ModelRef, load_model
-
+            t0 = time.perf_counter()
             if self.target["kind"] == "dense":
-                ref = self.target["model"].ref.model_ref()
+                self._ref = self.target["model"].ref.model_ref()
             else:
                 prune = self.target["prune"]
                 folder = materialize(self.spec, prune.manifest)
-                ref = ModelRef(source=str(folder), path=str(folder), revision=None, fingerprint=prune.manifest.sha256,
-                               kind="folder")
-            t0 = time.perf_counter()
-            net, tok, _ = load_model(ref, dtype=self.settings["dtype"],
-                                     trust_remote_code=self.settings.get("trust_remote_code", False))
-            self.loaded, self.load_seconds = (net, tok), time.perf_counter() - t0
-        return self.loaded
+                self._ref = ModelRef(source=str(folder), path=str(folder), revision=None,
+                                     fingerprint=prune.manifest.sha256, kind="folder")
+            self.load_seconds += time.perf_counter() - t0
+        return self._ref
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.ref().path, trust_remote_code=self.settings.get("trust_remote_code", False))
+
+    def streamed(self):
+        from dlp.streaming import open_streamed
+
+        return open_streamed(self.ref().path, dtype=self.settings["dtype"],
+                             trust_remote_code=self.settings.get("trust_remote_code", False))
+
+    def in_memory(self):
+        from dlp.models import load_model
+        from dlp.resources import default_budget
+
+        budget = self.settings.get("memory_budget") or default_budget()
+        t0 = time.perf_counter()
+        net, tok, _ = load_model(self.ref(), dtype=self.settings["dtype"], max_memory=budget,
+                                 offload_dir=self.spec.scratch / "offload",
+                                 trust_remote_code=self.settings.get("trust_remote_code", False))
+        self.load_seconds += time.perf_counter() - t0
+        return net, tok
 
 
 def _perplexity_part(sspec: StoreSpec, stage: str, keys: tuple[str, str], target: Mapping[str, Any],
@@ -167,20 +186,13 @@ def _perplexity_part(sspec: StoreSpec, stage: str, keys: tuple[str, str], target
     ppl, logger = spec["perplexity"], stage_logger(stage)
 
     def compute(st):
-        net, tok, t0 = model.start(stage)
-        ids = data.evaluation_tokens(tok, data.load_text(ppl["data"], spec.get("data_dir")))
-        total = ids.shape[1] // ppl["seqlen"]
-        total = min(total, ppl["max_windows"]) if ppl["max_windows"] else total
-        done = [0, time.monotonic()]
-
-        def progress(n: int) -> None:
-            done[0] += n
-            if time.monotonic() - done[1] >= 5.0 or done[0] >= total:
-                done[1] = time.monotonic()
-                logger.info("%s: perplexity %d/%d windows", stage, done[0], total)
-
-        res = perplexity(net, ids, ppl["seqlen"], max_windows=ppl["max_windows"],
-                         device=resolve_device(spec.get("device")), progress=progress)
+        hook(stage, "start")
+        t0 = time.perf_counter()
+        ids = data.evaluation_tokens(model.tokenizer(), data.load_text(ppl["data"], spec.get("data_dir")))
+        with model.streamed() as net, engine_progress(stage):
+            res = perplexity(net, ids, ppl["seqlen"], max_windows=ppl["max_windows"],
+                             device=resolve_device(spec.get("device")), memory_budget=spec.get("memory_budget"),
+                             spill_dir=sspec.scratch / "spill")
         secs = round(time.perf_counter() - t0, 3)
         logger.info("%s: %s perplexity %.3f over %d x %d tokens (%.1fs)", stage, target["kind"], res["ppl"],
                     res["windows"], res["seqlen"], secs)
@@ -199,7 +211,9 @@ def _zero_shot_part(sspec: StoreSpec, stage: str, keys: tuple[str, str], spec: M
         from dlp.models import resolve_device
         from dlp.zeroshot import evaluate_zero_shot  # the integration point (lazy: lm-eval is heavy)
 
-        net, tok, t0 = model.start(stage)
+        hook(stage, "start")
+        net, tok = model.in_memory()
+        t0 = time.perf_counter()
         logger.info("%s: zero-shot %s (limit %s)", stage, ", ".join(zs["tasks"]), zs["limit"])
         report = evaluate_zero_shot(net, tok, zs["tasks"], limit=zs["limit"], data_dir=spec.get("data_dir"),
                                     device=resolve_device(spec.get("device")))

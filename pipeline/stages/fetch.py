@@ -22,7 +22,7 @@ STAGE = "fetch"
 
 def fetch_model(store: StoreSpec | Mapping[str, Any], source: str, revision: str | None = None) -> FetchResult:
     """Resolve ``source`` and record it; see the module docstring."""
-    from dlp.models import resolve_model
+    from dlp.models import native_dtype_name, resolve_model
 
     logger = stage_logger(STAGE)
     t0 = time.perf_counter()
@@ -43,5 +43,6 @@ def fetch_model(store: StoreSpec | Mapping[str, Any], source: str, revision: str
         return json_put(st, artifact_key, record), {"seconds": seconds, **record}
 
     found = run_cached(StoreSpec.of(store), STAGE, ref.fingerprint, artifact_key, compute)
-    return found.typed(FetchResult, ref=ModelSource(**ref.to_json()), tokenizer_fp=tok_fp, seconds=seconds)
+    return found.typed(FetchResult, ref=ModelSource(**ref.to_json()), tokenizer_fp=tok_fp, seconds=seconds,
+                       native_dtype=native_dtype_name(ref.path))
 

@@ -1,7 +1,10 @@
 """Stage 4 -- prune the base model at the per-block rates and store the checkpoint.
 
-Thin over :func:`dlp.pruning.prune` + :func:`dlp.checkpoint.save_checkpoint`; the artifact is a directory
-``prune/<key>/checkpoint`` (HF folder: safetensors, config, tokenizer, ``dlp_report.json``). Key: model
+Thin over :func:`dlp.pruning.prune_checkpoint`: the base model is streamed block by block from its checkpoint
+and each pruned block is written into the output shards as soon as it is done (the model is never held whole);
+the run is journaled in the work dir, so a killed prune resumes at its first unfinished block and ends
+bit-identical. The artifact is a directory ``prune/<key>/checkpoint`` (sharded HF folder: safetensors + index,
+config, tokenizer, ``dlp_report.json``). Key: model
 fingerprint, dtype, the per-block ratios themselves (content of the rates), method, pattern, mode, and the
 calibration-window fingerprint when the method reads calibration data (Wanda/SparseGPT; sequential Wanda
 or any SparseGPT) or the statistics key when oneshot Wanda takes its input norms from the statistics.
@@ -9,13 +12,15 @@ or any SparseGPT) or the statistics key when oneshot Wanda takes its input norms
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
+from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.cache import (
     StoreSpec,
-    block_progress,
+    engine_progress,
     content_key,
     hook,
     run_cached,
@@ -26,7 +31,6 @@ from dlp.recipe import needs
 from pipeline.results import CalibrationResult, FetchResult, PruneResult, RatesResult, StatisticsResult
 from pipeline.stages.statistics import load_statistics, load_windows
 
-CHECKPOINT_WEIGHTS = "model.safetensors"
 
 
 def prune_key(model: FetchResult, calib: CalibrationResult, stats: StatisticsResult, rates: RatesResult,
@@ -50,59 +54,66 @@ def prune_key(model: FetchResult, calib: CalibrationResult, stats: StatisticsRes
 
 def run_prune(store: StoreSpec | Mapping[str, Any], model: FetchResult, calib: CalibrationResult,
               stats: StatisticsResult, rates: RatesResult, params: Mapping[str, Any]) -> PruneResult:
-    from dlp.checkpoint import save_checkpoint
-    from dlp.models import load_model, resolve_device
-    from dlp.pruning import prune
-
     spec = StoreSpec.of(store)
     key = prune_key(model, calib, stats, rates, params)
     artifact_key = f"prune/{key}/checkpoint"
-    logger = stage_logger("prune")
-    method, mode, pattern = params["method"], params["mode"], params["pattern"]
 
     def compute(st):
         t0 = time.perf_counter()
-        net, tok, _ref = load_model(model.ref.model_ref(), dtype=params["dtype"],
-                                    trust_remote_code=params.get("trust_remote_code", False))
-        ratios = [float(r) for r in rates.ratios]
-        need = needs(method, mode)
-        windows = load_windows(spec, calib) if need.windows else None
-        bstats = load_statistics(spec, stats) if need.pruner_statistics else None
-        hook("prune", "compute")
-        logger.info("prune: %s (%s, %s) over %d blocks, mean target %.3f", method, mode, pattern, len(ratios),
-                    sum(ratios) / len(ratios))
-        with block_progress(net, "prune"):
-            report = prune(net, ratios, method=method, pattern=pattern, mode=mode, windows=windows, stats=bstats,
-                           device=resolve_device(params.get("device")), batch_size=params.get("batch_size"))
-        logger.info("prune: achieved sparsity %.4f in %.1fs", report.overall, report.seconds)
-        rep = report.to_json()
-        rep.pop("per_linear", None)
-        rep.update({"base_model": model.ref.source, "base_fingerprint": model.ref.fingerprint,
-                    "rates": rates.params, "cache_key": key})
         out = spec.scratch / "tmp" / f"checkpoint-{key[:16]}"
-        if out.exists():
-            shutil.rmtree(out)
+        report = _finished_report(out) or _streamed_prune(spec, key, out, model, calib, stats, rates, params)
         hook("prune", "save")
-        save_checkpoint(net, tok, out, rep)
-        del net
         put = st.put_dir(out, artifact_key)
         listing = st.dir_listing(artifact_key)
         weights_sha = {rel: meta["sha256"] for rel, meta in (listing.files.items() if listing else [])
                        if rel.endswith(".safetensors")}
         seed_materialized(spec, put, out)
         shutil.rmtree(out, ignore_errors=True)
-        secs = round(time.perf_counter() - t0, 3)
-        return put, {
-            "achieved_sparsity": report.overall,
-            "achieved_per_block": [float(a) for a in report.achieved],
-            "target_per_block": ratios,
-            "method": method,
-            "mode": mode,
-            "pattern": pattern,
-            "block_passes": report.block_passes,
-            "engine_seconds": round(report.seconds, 3),
-            "compute_seconds": secs,
-            "weights_sha256": weights_sha,
-        }
+        return put, {"achieved_sparsity": report["achieved_sparsity"],
+                     "achieved_per_block": [float(a) for a in report["achieved_per_block"]],
+                     "target_per_block": [float(r) for r in rates.ratios], "method": params["method"],
+                     "mode": params["mode"], "pattern": params["pattern"], "block_passes": report["block_passes"],
+                     "engine_seconds": round(report["seconds"], 3),
+                     "compute_seconds": round(time.perf_counter() - t0, 3), "weights_sha256": weights_sha}
 
     return run_cached(spec, "prune", key, artifact_key, compute).typed(PruneResult)
+
+
+def _finished_report(out: Path) -> dict | None:
+    """The report of a checkpoint a killed run had finished but not yet stored (the folder only appears whole)."""
+    from dlp.checkpoint import REPORT_NAME
+
+    try:
+        return json.loads((out / REPORT_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _streamed_prune(spec: StoreSpec, key: str, out: Path, model: FetchResult, calib: CalibrationResult,
+                    stats: StatisticsResult, rates: RatesResult, params: Mapping[str, Any]) -> dict:
+    from dlp.models import resolve_device
+    from dlp.pruning import prune_checkpoint
+    from dlp.streaming import open_streamed
+
+    logger = stage_logger("prune")
+    method, mode, pattern = params["method"], params["mode"], params["pattern"]
+    ratios = [float(r) for r in rates.ratios]
+    need = needs(method, mode)
+    windows = load_windows(spec, calib) if need.windows else None
+    bstats = load_statistics(spec, stats) if need.pruner_statistics else None
+    hook("prune", "compute")
+    logger.info("prune: %s (%s, %s) over %d blocks, mean target %.3f", method, mode, pattern, len(ratios),
+                sum(ratios) / len(ratios))
+    extra = {"base_model": model.ref.source, "base_fingerprint": model.ref.fingerprint, "rates": rates.params,
+             "cache_key": key}
+    with open_streamed(model.ref.path, dtype=params["dtype"],
+                       trust_remote_code=params.get("trust_remote_code", False)) as sm, engine_progress("prune"):
+        report = prune_checkpoint(sm, out, ratios, run_key=key, max_shard_size=params.get("max_shard_size"),
+                                  report_extra=extra, method=method, pattern=pattern, mode=mode, windows=windows,
+                                  stats=bstats, device=resolve_device(params.get("device")),
+                                  batch_size=params.get("batch_size"), memory_budget=params.get("memory_budget"),
+                                  spill_dir=spec.scratch / "spill")
+    logger.info("prune: achieved sparsity %.4f in %.1fs", report.overall, report.seconds)
+    rep = report.to_json()
+    rep.pop("per_linear", None)
+    return rep

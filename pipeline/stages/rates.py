@@ -191,13 +191,13 @@ def _fixed_rates(spec: StoreSpec, model: FetchResult, stats: StatisticsResult, p
     from dlp.allocation import allocate
 
     bs = load_statistics(spec, stats)
-    if params["allocation"] == "owl":
-        from dlp.models import load_model
+    if params["allocation"] == "owl":  # another M: outlier ratios from the weights, streamed block by block
         from dlp.recipe import statistics_with_owl_m
+        from dlp.streaming import open_streamed
 
-        bs = statistics_with_owl_m(bs, lambda: load_model(
-            model.ref.model_ref(), dtype=settings["dtype"],
-            trust_remote_code=settings.get("trust_remote_code", False))[0], params["owl_m"])
+        bs = statistics_with_owl_m(bs, lambda: open_streamed(
+            model.ref.path, dtype=settings["dtype"], trust_remote_code=settings.get("trust_remote_code", False)),
+            params["owl_m"])
     result = allocate(bs, params["allocation"], params["sparsity"], alpha=params.get("alpha", 0.15),
                       statistic=params.get("statistic", "median"), owl_lambda=params.get("owl_lambda", 0.08))
     return result, bs

@@ -6,7 +6,9 @@
 nsamples, seqlen, seed. Not cached by Prefect (it is cheap: when the manifest exists it only reads and hashes
 the text); its fingerprint keys the statistics.
 
-``statistics``: :func:`dlp.statistics.collect_statistics` -> ``statistics/<key>/statistics.safetensors``.
+``statistics``: :func:`dlp.statistics.collect_statistics` on the model streamed block by block from its
+checkpoint (never loaded whole), journaled in the work dir so a killed sweep resumes at its first unfinished
+block -> ``statistics/<key>/statistics.safetensors``.
 Key: model fingerprint, dtype, calibration-window fingerprint, nsamples, seqlen, seed, the OWL M the
 statistics are collected with (fixed: another M is derived later from the weights, without a forward).
 Independent of sparsity, allocation, alpha, method: a sweep computes it once.
@@ -20,7 +22,7 @@ from typing import Any, Mapping
 
 from pipeline.cache import (
     StoreSpec,
-    block_progress,
+    engine_progress,
     content_key,
     hook,
     materialize,
@@ -95,46 +97,50 @@ def statistics_key(model: FetchResult, calib: CalibrationResult, settings: Mappi
 
 def collect(store: StoreSpec | Mapping[str, Any], model: FetchResult, calib: CalibrationResult,
             settings: Mapping[str, Any]) -> StatisticsResult:
-    from dlp.models import load_model, resolve_device
-    from dlp.statistics import collect_statistics
-
     spec = StoreSpec.of(store)
     key = statistics_key(model, calib, settings)
     artifact_key = f"statistics/{key}/statistics.safetensors"
-    logger = stage_logger("statistics")
 
     def compute(st):
         t0 = time.perf_counter()
-        net, _tok, _ref = load_model(model.ref.model_ref(), dtype=settings["dtype"],
-                                     trust_remote_code=settings.get("trust_remote_code", False))
-        windows = load_windows(spec, calib)
-        hook("statistics", "compute")
-        logger.info("statistics: one dense forward per block over %d x %d tokens", windows.shape[0], windows.shape[1])
-        t1 = time.perf_counter()
-        with block_progress(net, "statistics"):
-            stats = collect_statistics(net, windows, device=resolve_device(settings.get("device")),
-                                       batch_size=settings.get("batch_size"), owl_m=STATS_OWL_M)
-        engine_s = time.perf_counter() - t1
+        stats, engine_s = _streamed_statistics(spec, key, model, calib, settings)
         tmp = spec.scratch / "tmp" / f"statistics-{key[:16]}.safetensors"
         tmp.parent.mkdir(parents=True, exist_ok=True)
         stats.save(tmp)
         put = st.put_file(tmp, artifact_key)
         seed_materialized(spec, put, tmp)
         Path(tmp).unlink(missing_ok=True)
-        secs = round(time.perf_counter() - t0, 3)
-        logger.info("statistics: %d blocks in %.1fs", len(stats.blocks), engine_s)
-        return put, {
-            "num_blocks": len(stats.blocks),
-            "blocks": stats.blocks,
-            "nsamples": stats.nsamples,
-            "tokens": stats.tokens,
-            "owl_m": stats.owl_m,
-            "block_passes": stats.meta.get("block_passes"),
-            "engine_seconds": round(engine_s, 3),
-            "compute_seconds": secs,
-        }
+        return put, {"num_blocks": len(stats.blocks), "blocks": stats.blocks, "nsamples": stats.nsamples,
+                     "tokens": stats.tokens, "owl_m": stats.owl_m, "block_passes": stats.meta.get("block_passes"),
+                     "engine_seconds": round(engine_s, 3), "compute_seconds": round(time.perf_counter() - t0, 3)}
 
     return run_cached(spec, "statistics", key, artifact_key, compute).typed(StatisticsResult)
+
+
+def _streamed_statistics(spec: StoreSpec, key: str, model: FetchResult, calib: CalibrationResult,
+                         settings: Mapping[str, Any]):
+    """One dense sweep over the streamed model, journaled under ``<workdir>/cache/state/statistics-<key>``."""
+    from dlp.models import resolve_device
+    from dlp.resume import BlockJournal
+    from dlp.statistics import collect_statistics
+    from dlp.streaming import open_streamed
+
+    logger = stage_logger("statistics")
+    windows = load_windows(spec, calib)
+    hook("statistics", "compute")
+    journal = BlockJournal(spec.scratch / "state" / f"statistics-{key[:16]}", key)
+    logger.info("statistics: one dense forward per block over %d x %d tokens%s", windows.shape[0], windows.shape[1],
+                f", resuming at block {journal.next_block + 1}" if journal.next_block else "")
+    t0 = time.perf_counter()
+    with open_streamed(model.ref.path, dtype=settings["dtype"],
+                       trust_remote_code=settings.get("trust_remote_code", False)) as sm, engine_progress("statistics"):
+        stats = collect_statistics(sm, windows, device=resolve_device(settings.get("device")),
+                                   batch_size=settings.get("batch_size"), owl_m=STATS_OWL_M, journal=journal,
+                                   memory_budget=settings.get("memory_budget"), spill_dir=spec.scratch / "spill")
+    engine_s = time.perf_counter() - t0
+    journal.clear()
+    logger.info("statistics: %d blocks in %.1fs", len(stats.blocks), engine_s)
+    return stats, engine_s
 
 
 def load_statistics(store: StoreSpec | Mapping[str, Any], stats: StatisticsResult):
