@@ -29,7 +29,7 @@ BUNDLED = {
 }
 #: transformers builds models under process-wide meta-device patches: two threads loading at once (a sweep
 #: on a thread or Dask runner) can hand one of them meta tensors ("Cannot copy out of meta tensor").
-_LOAD_LOCK = threading.Lock()
+MODEL_BUILD_LOCK = threading.Lock()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -208,7 +208,7 @@ def load_model(source: str | ModelRef, *, revision: str | None = None, dtype: st
                 raise DLPError("the model does not fit max_memory; give an offload folder (--offload-dir)")
             Path(offload_dir).mkdir(parents=True, exist_ok=True)
             kwargs.update(device_map="auto", max_memory={"cpu": int(max_memory)}, offload_folder=str(offload_dir))
-        with _LOAD_LOCK:
+        with MODEL_BUILD_LOCK:
             model = AutoModelForCausalLM.from_pretrained(ref.path, **kwargs)
     except ValueError as exc:
         if isinstance(exc, DLPError):

@@ -17,7 +17,7 @@ from torch import nn
 from .checkpoint_reader import CheckpointReader
 from .decoder import DecoderLayout, find_decoder
 from .errors import DLPError
-from .models import DTYPES, ModelRef, config_dtype
+from .models import DTYPES, MODEL_BUILD_LOCK, ModelRef, config_dtype
 from .weights import StreamedWeights
 
 
@@ -63,9 +63,10 @@ def skeleton(path: str | Path, dtype: str | None = "auto", trust_remote_code: bo
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         torch_dtype = resolve_dtype(config, dtype)
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        model.tie_weights()  # from_config leaves tied embeddings as two meta tensors; the checkpoint stores one
+        with MODEL_BUILD_LOCK:  # init_empty_weights and from_config patch process-wide state: one build at a time
+            with init_empty_weights():
+                model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+            model.tie_weights()  # from_config leaves tied embeddings as two meta tensors; the checkpoint stores one
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise DLPError(f"model {path} needs custom code; rerun with --trust-remote-code if you trust it") from exc

@@ -219,3 +219,18 @@ def test_bad_checkpoints_fail_in_one_line_naming_the_file(kind, tmp_path):
     with pytest.raises(DLPError) as err:
         open_streamed(tmp_path / "src")
     assert name in str(err.value) and "\n" not in str(err.value)
+
+
+def test_skeletons_built_on_many_threads_at_once_keep_tied_embeddings(tmp_path):
+    """A sweep on a thread or Dask runner opens one checkpoint per variant at the same time; the meta-device
+    patches are process-wide, so unserialised builds handed some threads an untied head with no tensor."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = tiny_models.build("llama", layers=2)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(str(tmp_path))
+    with ThreadPoolExecutor(6) as pool:
+        opened = list(pool.map(lambda _: open_streamed(tmp_path), range(12)))
+    heads = [s.model.get_output_embeddings().weight is s.model.get_input_embeddings().weight for s in opened]
+    assert heads == [True] * 12
