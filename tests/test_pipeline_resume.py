@@ -1,6 +1,7 @@
-"""Resume after a hard kill: the compress flow runs in a subprocess, is SIGKILLed while prune is writing
-(artifact stored, manifest not yet), and the same command run again completes with the same result as an
-uninterrupted run (same pruned weights sha256, per-block sparsity and perplexity)."""
+"""Resume after a hard kill: the compress flow runs in a subprocess, is SIGKILLed inside prune -- after two of its
+four blocks are journaled, or after the whole checkpoint is stored but before its manifest -- and the same command
+run again completes with the same result as an uninterrupted run (same pruned weights sha256, per-block sparsity
+and perplexity). Killed mid-stage, the rerun resumes at the first unfinished block."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def test_sigkill_during_prune_then_rerun_matches_an_uninterrupted_run(tiny_model, tmp_path, prefect_harness, monkeypatch):
+@pytest.mark.parametrize("kill_at", ["block2", "after_artifact"])
+def test_sigkill_during_prune_then_rerun_matches_an_uninterrupted_run(kill_at, tiny_model, tmp_path, prefect_harness,
+                                                                     monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     # reference: an uninterrupted run in this process, in its own workdir
     ref_runner = Runner(tiny_model, tmp_path / "ref-work", tmp_path / "ref-trace.txt")
@@ -43,16 +46,16 @@ def test_sigkill_during_prune_then_rerun_matches_an_uninterrupted_run(tiny_model
     trace = tmp_path / "trace.txt"
     out = tmp_path / "summary.json"
 
-    env = _env({"DLP_PIPELINE_TRACE": str(trace), "DLP_PIPELINE_PAUSE": "prune:after_artifact:120"})
+    env = _env({"DLP_PIPELINE_TRACE": str(trace), "DLP_PIPELINE_PAUSE": f"prune:{kill_at}:120"})
     proc = subprocess.Popen([sys.executable, str(script), str(job_file), str(out)], env=env, cwd=str(ROOT),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while "prune:after_artifact" not in (trace.read_text() if trace.exists() else ""):
+        while f"prune:{kill_at}" not in (trace.read_text() if trace.exists() else ""):
             assert proc.poll() is None, "the flow ended before prune started"
             assert time.monotonic() < deadline, "prune did not start in time"
             time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)  # mid-prune: checkpoint stored, manifest not written
+        os.killpg(proc.pid, signal.SIGKILL)  # mid-prune: blocks 0-1 journaled, or checkpoint stored without manifest
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
@@ -65,6 +68,9 @@ def test_sigkill_during_prune_then_rerun_matches_an_uninterrupted_run(tiny_model
                           cwd=str(ROOT), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert computed(trace) == {"prune", "evaluate", "register"}  # statistics, rates, baseline were kept
+    prune_blocks = [line for line in trace.read_text().splitlines() if line.startswith("prune:block")]
+    if kill_at == "block2":  # the rerun walks only the blocks the killed run had not finished
+        assert prune_blocks == ["prune:block2", "prune:block3"]
     s = json.loads(out.read_text())
     assert s["weights_sha256"] == ref["weights_sha256"]
     assert [b["achieved"] for b in s["per_block"]] == [b["achieved"] for b in ref["per_block"]]
