@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DLP_DATA_DIR", str(ROOT.parent / "shared" / "data"))  # as the Makefile and the tests
 
 
 def run(cmd: list[str], env: dict | None = None) -> dict:
@@ -59,6 +60,7 @@ if p.returncode:
 last = out.strip().splitlines()[-1] if out.strip() else "{}"
 print(json.dumps({"rc": p.returncode, "wall_s": round(time.perf_counter() - t0, 1), "peak_rss_mib": round(rss / 1024, 1),
                   "result": json.loads(last) if last.startswith("{") else last}))
+sys.exit(p.returncode)
 """
 
 
