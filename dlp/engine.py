@@ -38,13 +38,14 @@ from .weights import ModelWeights, source_parts
 log = logging.getLogger("dlp.engine")
 
 
-def _test_pause(index: int) -> None:
-    """Test seam: ``DLP_ENGINE_PAUSE=<block>:<seconds>`` sleeps before that block (lets a test kill a run at a
-    known block). Never set it in production."""
+def _test_pause(label: str, index: int) -> None:
+    """Test seam: ``DLP_ENGINE_PAUSE=<label>:<block>:<seconds>`` sleeps before that block of the walks so
+    labelled (``statistics``, ``prune``, ``perplexity``), letting a test kill a run at a known block. Never set
+    it in production."""
     value = os.environ.get("DLP_ENGINE_PAUSE")
     if value:
-        block, _, seconds = value.partition(":")
-        if int(block) == index:
+        walk, block, seconds = value.split(":")
+        if walk == label and int(block) == index:
             time.sleep(float(seconds))
 
 
@@ -246,7 +247,7 @@ class CalibrationEngine:
         return hidden
 
     def _announce(self, label: str, index: int) -> None:
-        _test_pause(index)
+        _test_pause(label, index)
         n = self.layout.num_blocks
         log.info("%s: block %d/%d", label, index + 1, n, extra={"dlp_block": index, "dlp_blocks": n})
 

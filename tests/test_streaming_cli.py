@@ -79,7 +79,7 @@ def test_prune_killed_mid_run_resumes_at_the_block_and_matches(sharded_tiny, tmp
     args = [*PRUNE, "--model", str(sharded_tiny), "--method", "sparsegpt", "--max-shard-size", "1MB"]
     ref = _cli(*args, "--out", str(tmp_path / "ref"))
     assert ref.wait(600) == 0, ref.stderr.read()
-    victim = _cli(*args, "--out", str(tmp_path / "out"), env={"DLP_ENGINE_PAUSE": "3:120"})
+    victim = _cli(*args, "--out", str(tmp_path / "out"), env={"DLP_ENGINE_PAUSE": "prune:3:120"})
     journal = tmp_path / ".out.state" / "prune" / "journal.json"
     deadline = time.time() + 300
     while time.time() < deadline and not (journal.exists() and json.loads(journal.read_text())["done"] >= 2):
