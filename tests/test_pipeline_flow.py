@@ -27,7 +27,7 @@ open(sys.argv[2], "w").write(json.dumps(summary))
 
 
 # ============================================================================================ helpers
-def make_tiny_model(folder: Path, layers: int = 4) -> Path:
+def make_tiny_model(folder: Path, layers: int = 4, tied: bool = True, max_shard_size: str | None = None) -> Path:
     """A random 4-block Llama (hidden 64) saved with the real SmolLM2 tokenizer (so real text tokenizes)."""
     import torch
     import transformers as tf
@@ -38,8 +38,8 @@ def make_tiny_model(folder: Path, layers: int = 4) -> Path:
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True)
-    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
+                         tie_word_embeddings=tied)
+    tf.LlamaForCausalLM(cfg).save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tok.save_pretrained(folder)
     return folder
 

@@ -13,9 +13,9 @@ import time
 import pytest
 import torch
 
-from cli import main
 from dlp.checkpoint_reader import CheckpointReader
-from dlp.models import resolve_model
+from tests.test_cli import run
+from tests.test_pipeline_flow import make_tiny_model
 from tests.test_streaming import _corrupt
 
 from .conftest import ROOT
@@ -24,23 +24,7 @@ from .conftest import ROOT
 @pytest.fixture(scope="module")
 def sharded_tiny(tmp_path_factory):
     """A tiny random Llama (SmolLM2's tokenizer) saved in several shards."""
-    import transformers as tf
-
-    tok = tf.AutoTokenizer.from_pretrained(resolve_model("smollm2-135m").path)
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    out = tmp_path_factory.mktemp("sharded-tiny")
-    tf.LlamaForCausalLM(cfg).save_pretrained(out, max_shard_size="2MB")
-    tok.save_pretrained(out)
-    return out
-
-
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
+    return make_tiny_model(tmp_path_factory.mktemp("sharded-tiny"), layers=6, tied=False, max_shard_size="2MB")
 
 
 PRUNE = ("prune", "--calibration", "wikitext2-valid", "--nsamples", "4", "--seqlen", "64")
