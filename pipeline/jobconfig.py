@@ -157,7 +157,7 @@ class ResourcesSection(_Section):
         from dlp.resources import parse_size
 
         if value is not None:
-            parse_size(value, f"resources.{info.field_name}")
+            parse_size(value, "the value")
         return value
 
     def budget_bytes(self) -> int | None:

@@ -288,3 +288,17 @@ def test_bad_bounds_job_fails_in_one_line_with_exit_2_before_any_stage(tmp_path)
     assert proc.stderr.strip().count("\n") == 0
     assert "'pruning.alpha' (set by override): expected a number in [0, 0.5) or 'auto', got 0.5" in proc.stderr
     assert not work.exists()
+
+
+@pytest.mark.parametrize("key,value", [("resources.memory_budget", "lots"), ("resources.max_shard_size", "-3GB"),
+                                       ("resources.memory_budget", "0")])
+def test_bad_resource_sizes_are_one_line_naming_the_key_and_the_format(key, value):
+    with pytest.raises(JobError) as e:
+        load_job(DEMO_JOB, {key: value})
+    text = str(e.value)
+    assert f"'{key}'" in text and "\n" not in text and ("8GB" in text or "positive" in text)
+
+
+def test_resource_sizes_parse_to_bytes():
+    job = load_job(DEMO_JOB, {"resources.memory_budget": "512MiB"})
+    assert job.resources.budget_bytes() == 512 * 2**20 and job.resources.max_shard_size == "5GB"
