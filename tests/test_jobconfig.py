@@ -302,3 +302,20 @@ def test_bad_resource_sizes_are_one_line_naming_the_key_and_the_format(key, valu
 def test_resource_sizes_parse_to_bytes():
     job = load_job(DEMO_JOB, {"resources.memory_budget": "512MiB"})
     assert job.resources.budget_bytes() == 512 * 2**20 and job.resources.max_shard_size == "5GB"
+
+
+def test_preflight_refuses_a_work_dir_without_room_for_the_pruned_checkpoint(tmp_path, monkeypatch):
+    """Checked after fetch, before statistics: the pruned checkpoint (twice with a local store) + the states."""
+    import shutil
+    from types import SimpleNamespace
+
+    from pipeline.preflight import check_disk_for_model
+    from tests.test_pipeline_flow import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", layers=2)
+    job = load_job(DEMO_JOB, {"workdir": str(tmp_path / "work")})
+    assert "needed" in check_disk_for_model(job, str(model), "float32")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**6, used=10**6 - 4096, free=4096))
+    with pytest.raises(PreflightError) as e:
+        check_disk_for_model(job, str(model), "float32")
+    assert "free disk space" in str(e.value) and "\n" not in str(e.value)
