@@ -305,15 +305,16 @@ class CalibrationEngine:
 
 #: default micro-batch: about 8k tokens, fewer when the widest linear output would pass ACTIVATION_BYTES
 BATCH_TOKENS = 8192
-ACTIVATION_BYTES = 32 * 2**20
+ACTIVATION_BYTES = 16 * 2**20
 
 
 def default_batch_size(layout: DecoderLayout, shape: tuple[int, ...]) -> int:
     """Windows per micro-batch: ~8k tokens, capped so one float32 activation of the block's widest linear
-    stays under 32 MiB (a 7B MLP gets 2 windows of 256 or 1 of 2048, SmolLM2 10 of 512). The forward's
-    transients (MLP intermediates, attention scores) scale with it: a streamed 2-block LLaMA-2-7B-shaped model
-    (8 x 256) peaked at 1030 MB RSS with a 64 MiB cap, 947 MB at 32, 924 MB at 16; 16 made SmolLM2's
-    perplexity ~10 % slower than 16 windows per batch (both measured under load)."""
+    stays under 16 MiB (a 7B MLP gets 1 window of 256 or 2048, SmolLM2 5 of 512). The forward's transients
+    (MLP intermediates, attention scores) scale with the batch and set the peak over a streamed block: with a
+    64 MiB cap a 4 GB LLaMA-2-7B-shaped model (8 x 256) peaked at 1019 MiB RSS, at 16 MiB 887 MiB; with 32 MiB
+    SmolLM2's statistics peaked at 877 MiB, at 16 MiB 623 MiB (benchmarks/bench_outofcore.py). The price:
+    SmolLM2's perplexity ran ~10 % slower than at 16 windows per batch (measured under load)."""
     n, seqlen = shape
     widest = max((lin.out_features for lin in layout.linears(0).values()), default=1)
     tokens = min(BATCH_TOKENS, max(seqlen, ACTIVATION_BYTES // (4 * widest)))
