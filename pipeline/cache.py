@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -233,15 +234,38 @@ def engine_progress(stage: str, every_s: float = 5.0) -> Iterator[None]:
                 last[0] = now
                 logger.info("%s: block %d/%d", stage, block + 1, total)
 
+    bridge = _Bridge()
+    with _engine_log_scope() as engine_log:
+        engine_log.addHandler(bridge)
+        try:
+            yield
+        finally:
+            engine_log.removeHandler(bridge)
+
+
+_ENGINE_LOG_LOCK = threading.Lock()
+_engine_log_users: list = [0, None]  # stages inside engine_progress, the logger's own (level, propagate)
+
+
+@contextmanager
+def _engine_log_scope() -> Iterator[logging.Logger]:
+    """``dlp.engine`` at INFO and not propagated while any stage runs (stages of a sweep overlap on threads):
+    the bridges say each block once, on the stage's log, instead of once more through the root logger."""
     engine_log = logging.getLogger("dlp.engine")
-    bridge, level = _Bridge(), engine_log.level
-    engine_log.addHandler(bridge)
-    engine_log.setLevel(logging.INFO)
+    with _ENGINE_LOG_LOCK:
+        if _engine_log_users[0] == 0:
+            _engine_log_users[1] = (engine_log.level, engine_log.propagate)
+            engine_log.setLevel(logging.INFO)
+            engine_log.propagate = False
+        _engine_log_users[0] += 1
     try:
-        yield
+        yield engine_log
     finally:
-        engine_log.removeHandler(bridge)
-        engine_log.setLevel(level)
+        with _ENGINE_LOG_LOCK:
+            _engine_log_users[0] -= 1
+            if _engine_log_users[0] == 0:
+                engine_log.setLevel(_engine_log_users[1][0])
+                engine_log.propagate = _engine_log_users[1][1]
 
 
 # ============================================================================================ running a stage

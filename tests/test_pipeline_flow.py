@@ -276,3 +276,21 @@ def test_zero_shot_added_later_reuses_perplexity_and_logs_deltas(base, env):
     client = get_client(None, runner.workdir)
     m = client.get_run(client.get_model_version("tiny-llama-dlp", s["version"]).run_id).data.metrics
     assert "zeroshot.rte.acc" in m and "zeroshot.rte.acc_delta" in m and "zeroshot.mean_acc_delta" in m
+
+
+def test_engine_progress_says_each_block_once_and_restores_the_logger(caplog):
+    """Inside a stage the engine's block lines reach the stage's log through the bridge only (not once more via the
+    root logger); overlapping stages (a sweep's threads) leave the logger as they found it."""
+    import logging
+
+    from pipeline.cache import engine_progress
+
+    engine_log = logging.getLogger("dlp.engine")
+    before = (engine_log.level, engine_log.propagate)
+    with caplog.at_level(logging.INFO):
+        with engine_progress("prune", every_s=0.0), engine_progress("statistics", every_s=0.0):
+            engine_log.info("prune: block %d/%d", 1, 2, extra={"dlp_block": 0, "dlp_blocks": 2})
+        assert (engine_log.level, engine_log.propagate) == before
+    bridged = [r.getMessage() for r in caplog.records]
+    assert "prune: block 1/2" in bridged and "statistics: block 1/2" in bridged
+    assert [r.name for r in caplog.records].count("dlp.engine") == 0
