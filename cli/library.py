@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from dlp import bounds as B
 from dlp.errors import DLPError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -344,3 +346,50 @@ def eval_(model: str = ModelOpt, revision: Optional[str] = RevisionOpt, dtype: s
         norm = f"{r['acc_norm']:.4f}" if r.get("acc_norm") is not None else "-"
         typer.echo(f"{name:<16} {r.get('acc', float('nan')):>7.4f} {norm:>9} {r.get('n_samples', 0):>6}")
     typer.echo(f"mean acc {result['mean_acc']:.4f}  (lm-eval {result['harness_version']}, limit {limit})")
+
+
+@app.command()
+def recover(model: str = typer.Option(..., "--model", help="the pruned checkpoint (a folder written by dlp prune, or any model source)"),
+            out: Path = typer.Option(..., "--out", help="folder for the recovered checkpoint"),
+            steps: int = typer.Option(B.DEFAULT_RECOVERY_STEPS, "--steps", help="optimizer steps"),
+            lr: float = typer.Option(B.DEFAULT_RECOVERY_LR, "--lr", help="AdamW learning rate (linear decay to 0)"),
+            rank: int = typer.Option(B.DEFAULT_LORA_RANK, "--rank", help="LoRA rank r"),
+            alpha: float = typer.Option(B.DEFAULT_LORA_ALPHA, "--alpha", help="LoRA alpha (update scaled by alpha / r)"),
+            dropout: float = typer.Option(B.DEFAULT_LORA_DROPOUT, "--dropout", help="LoRA dropout"),
+            target_modules: str = typer.Option(",".join(B.DEFAULT_RECOVERY_TARGETS), "--target-modules", help="comma-separated block linears, e.g. q_proj,v_proj"),
+            seqlen: int = typer.Option(B.DEFAULT_RECOVERY_SEQLEN, "--seqlen", help="tokens per training window"),
+            batch: int = typer.Option(B.DEFAULT_RECOVERY_BATCH, "--batch", help="windows per step"),
+            data: Optional[str] = typer.Option(None, "--data", help="training text (default: the checkpoint's calibration source, else c4); windows disjoint from the calibration's"),
+            seed: int = typer.Option(B.DEFAULT_RECOVERY_SEED, "--seed", help="seed of the windows, the adapter init and dropout"),
+            save_every: int = typer.Option(B.DEFAULT_SAVE_EVERY, "--save-every", help="steps between saved training states"),
+            state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="training states for resuming (default <out>.recovery-state)"),
+            merge: str = typer.Option(B.DEFAULT_MERGE, "--merge", help="masked (keeps every zero) | none (adapter/ beside the model) | plain (densifies)"),
+            device: str = DeviceOpt, trust_remote_code: bool = TrustOpt, data_dir: Optional[Path] = DataDirOpt,
+            as_json: bool = JsonOpt):
+    """LoRA recovery fine-tuning of a pruned checkpoint; the masked merge keeps its sparsity exactly."""
+    from dlp.models import resolve_device
+    from dlp.recovery import plan_recovery, run_recovery
+    from dlp.recovery_settings import RecoverySettings
+    from dlp.recovery_state import FolderSaver
+
+    _set_data_dir(data_dir)
+    settings = RecoverySettings(steps=steps, lr=lr, rank=rank, alpha=alpha, dropout=dropout, target_modules=target_modules,
+                                seqlen=seqlen, batch=batch, data=data, seed=seed, save_every=save_every, merge=merge).validate()
+    device = resolve_device(device)
+    if out.exists() and any(out.iterdir()):
+        raise DLPError(f"--out {out} exists and is not empty; choose a new folder")
+    plan = plan_recovery(model, settings, trust_remote_code=trust_remote_code)  # model, targets, text: before training
+    states = state_dir or out.with_name(out.name + ".recovery-state")
+    saver = FolderSaver(states / plan.key[:16])
+    report = run_recovery(plan, out, saver=saver, device=device, log=lambda m: _log(m, as_json))
+    shutil.rmtree(saver.root, ignore_errors=True)
+    if states.is_dir() and not any(states.iterdir()):
+        states.rmdir()
+    if as_json:
+        typer.echo(json.dumps({**report, "out": str(out)}))
+        return
+    s, loss = report["sparsity"], report["loss"]
+    resumed = f", resumed from step {report['resumed_from_step']}" if report["resumed_from_step"] else ""
+    typer.echo(f"recovered {report['model']}: loss {loss[0]:.3f} -> {loss[-1]:.3f} over {report['steps']} steps{resumed}; "
+               f"sparsity {s['before']:.4f} -> {s['after']:.4f} ({'exact' if s['exact'] else 'changed'}, merge {merge}); "
+               f"{report['seconds']['total']:.0f}s; checkpoint in {out}")

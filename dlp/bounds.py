@@ -66,3 +66,29 @@ DEFAULT_ALPHA = 0.15
 DEFAULT_STATISTIC = "median"
 DEFAULT_OWL_M = 5.0
 DEFAULT_OWL_LAMBDA = 0.08
+
+# ---- recovery fine-tuning (LoRA through peft, dlp.recovery); the job schema's `recovery:` block derives from these
+RECOVERY_STEPS = Range("recovery steps", 1, None, why="optimizer steps")
+RECOVERY_LR = Range("recovery lr", 0.0, None, lo_open=True, why="AdamW learning rate, e.g. 1e-4")
+LORA_RANK = Range("LoRA rank", 1, None, why="r of the low-rank update B A")
+LORA_ALPHA = Range("LoRA alpha", 0.0, None, lo_open=True, why="the update B A is scaled by alpha / rank")
+LORA_DROPOUT = Range("LoRA dropout", 0.0, 1.0, hi_open=True, why="dropout on the adapter's input")
+RECOVERY_BATCH = Range("recovery batch", 1, None, why="training windows per optimizer step")
+SAVE_EVERY = Range("save-every", 1, None, why="optimizer steps between saved training states")
+MERGE_MODES = ("masked", "none", "plain")  # masked keeps every zero; none keeps the adapter; plain densifies
+
+#: CPU defaults: minutes on a 2-core CPU for the bundled SmolLM2-135M (measured: docs/RESULTS.md, "Recovery")
+DEFAULT_RECOVERY_STEPS = 60
+DEFAULT_RECOVERY_LR = 1e-3
+DEFAULT_LORA_RANK = 8
+DEFAULT_LORA_ALPHA = 16.0
+DEFAULT_LORA_DROPOUT = 0.05
+DEFAULT_RECOVERY_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_RECOVERY_SEQLEN = 256
+DEFAULT_RECOVERY_BATCH = 4
+DEFAULT_RECOVERY_SEED = 0
+DEFAULT_SAVE_EVERY = 10
+DEFAULT_MERGE = "masked"
+#: The Wanda/OWL recipe (peft LoRA on C4, fp16 on a GPU): the paper-like settings for 7B models
+PAPER_RECOVERY = {"rank": 8, "alpha": 16.0, "dropout": 0.05, "target_modules": ("q_proj", "v_proj"), "lr": 1e-4}
+RECOVERY_MAX_GRAD_NORM = 1.0  # gradient clipping, as the HF Trainer the Wanda/OWL recipe ran under

@@ -14,6 +14,7 @@ offline mirror; otherwise from the Hugging Face hub.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -189,6 +190,72 @@ def calibration_windows(tokenizer, source: TextSource, nsamples: int, seqlen: in
             j = rng.randint(0, ids.shape[1] - seqlen - 1)
             windows.append(ids[:, j : j + seqlen])
     return torch.cat(windows, dim=0).contiguous()
+
+
+class _RecordingTokenizer:
+    """Tokenizes like ``tokenizer`` (to ``pt`` tensors) and remembers every text it was given, with its ids."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.texts = tokenizer, {}
+
+    def __call__(self, text, **kwargs):
+        if text not in self.texts:
+            self.texts[text] = self.tokenizer(text, **kwargs)
+        return self.texts[text]
+
+
+def _occurrences(ids: torch.Tensor, windows: torch.Tensor) -> list[tuple[int, int]]:
+    """Every token range ``[start, end)`` of the stream ``ids`` (1-D) that equals one of ``windows``."""
+    size = windows.shape[1]
+    view = ids.unfold(0, size, 1)
+    spans = []
+    for w in windows:
+        starts = (view[:, 0] == w[0]).nonzero().flatten()
+        starts = starts[(view[starts, : min(8, size)] == w[: min(8, size)]).all(dim=1)]
+        spans += [(int(j), int(j) + size) for j in starts[(view[starts] == w).all(dim=1)]]
+    return spans
+
+
+def training_windows(tokenizer, source: TextSource, count: int, seqlen: int, seed: int,
+                     exclude: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, dict]:
+    """``count`` windows of ``seqlen`` tokens for recovery fine-tuning, disjoint from the calibration windows
+    that :func:`calibration_windows` draws from the same source with ``exclude = (nsamples, seqlen, seed)``.
+
+    Documents: every document the calibration draw tokenized is left out (disjoint by document); the others
+    are shuffled with ``random.Random(seed)`` and cut into consecutive windows. Rows: the stream, joined as for
+    calibration, is cut into consecutive windows and each one overlapping an occurrence of a calibration window
+    is left out (disjoint by token range); the rest are shuffled. When fewer than ``count`` windows exist they
+    repeat, reshuffled on each pass. Returns the windows ``[count, seqlen]`` and what was left out.
+    """
+    rng = random.Random(seed)
+    recorder = _RecordingTokenizer(tokenizer)
+    calibration = calibration_windows(recorder, source, *exclude) if exclude else None
+    if source.kind == "documents":
+        order = [i for i, doc in enumerate(source.items) if doc not in recorder.texts and len(doc) >= seqlen]
+        rng.shuffle(order)
+        chunks = (ids[j : j + seqlen] for i in order
+                  for ids in [tokenizer(source.items[i], return_tensors="pt").input_ids[0]]
+                  for j in range(0, ids.shape[0] - seqlen + 1, seqlen))
+        info = {"rule": "documents", "excluded": sum(doc in recorder.texts for doc in source.items)}
+    else:
+        ids = recorder(source.stream(" "), return_tensors="pt").input_ids[0]
+        spans = _occurrences(ids, calibration) if exclude else []
+        starts = [j for j in range(0, ids.shape[0] - seqlen + 1, seqlen)
+                  if not any(a < j + seqlen and j < b for a, b in spans)]
+        rng.shuffle(starts)
+        chunks = (ids[j : j + seqlen] for j in starts)
+        info = {"rule": "token ranges", "excluded": len(spans)}
+    windows = list(itertools.islice(chunks, count))
+    if not windows:
+        where = " outside the calibration windows" if exclude else ""
+        raise DLPError(f"the training text '{source.name}' has no {seqlen}-token window{where}; "
+                       f"lower --seqlen or pass --data with more text")
+    pool = list(windows)
+    while len(windows) < count:
+        rng.shuffle(pool)
+        windows += pool[: count - len(windows)]
+    info["distinct"] = len(pool)
+    return torch.stack(windows).contiguous(), info
 
 
 def evaluation_tokens(tokenizer, source: TextSource) -> torch.Tensor:
