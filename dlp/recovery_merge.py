@@ -1,15 +1,22 @@
-"""Folding trained LoRA adapters back into a pruned model, and counting the zeros it keeps.
+"""The masked update that keeps a pruned model's zeros, for training and for merging.
 
 - ``masked`` (default): ``W' = W + M * (scale * B @ A)`` with ``M = (W != 0)``, the pruned weight's non-zero
   mask: every pruned weight stays exactly zero. A kept weight whose sum would cancel to exactly 0.0 keeps its
-  old value instead, so the count of zeros after the merge equals the pruned model's to the weight.
-- ``none``: the adapter is not merged; the caller saves it (peft ``save_pretrained``) beside the unchanged
-  pruned weights.
-- ``plain``: peft's ``merge_and_unload`` adds the full dense update (densifies; kept for comparison).
+  old value instead, so the count of zeros after the merge equals the pruned model's to the weight. The
+  adapters are trained *mask-aware* (:func:`make_mask_aware`): each adapted linear computes with that same
+  masked weight, so the merged model is the model that was trained -- a plain LoRA update merged through the
+  mask would lose the ~70 % of it that falls on pruned positions.
+- ``none``: plain LoRA training; the adapter is not merged and the caller saves it (peft ``save_pretrained``)
+  beside the unchanged pruned weights (the Wanda/OWL recipe; inference computes ``W + B A``, dense).
+- ``plain``: plain LoRA training, then peft's ``merge_and_unload`` adds the full update (densifies; kept for
+  comparison).
 """
 from __future__ import annotations
 
+import types
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .decoder import find_decoder
@@ -30,24 +37,56 @@ def prunable_weights(model: nn.Module) -> int:
     return sum(l.weight.numel() for i in range(layout.num_blocks) for l in layout.linears(i).values())
 
 
+def masked_weight(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``W + M * delta`` with ``M = (W != 0)``; where the sum cancels to exactly 0.0, ``W`` is kept."""
+    summed = weight + delta
+    return torch.where((weight != 0) & (summed != 0), summed, weight)
+
+
+def _lora_layers(peft_model):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+
+
 @torch.no_grad()
 def masked_merge_(peft_model) -> int:
     """Add each adapter's update to its base weight where the weight is non-zero; returns the linears merged."""
-    from peft.tuners.lora import LoraLayer
-
     merged = 0
-    for module in peft_model.modules():
-        if not isinstance(module, LoraLayer):
-            continue
+    for module in _lora_layers(peft_model):
         weight = module.get_base_layer().weight
         for adapter in module.active_adapters:
-            delta = module.get_delta_weight(adapter).to(weight.dtype)
-            kept = weight != 0
-            summed = weight + delta
-            summed = torch.where(summed == 0, weight, summed)
-            weight.copy_(torch.where(kept, summed, weight))
+            weight.copy_(masked_weight(weight, module.get_delta_weight(adapter).to(weight.dtype)))
             merged += 1
     return merged
+
+
+def _mask_aware_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A LoRA linear's forward that computes with the masked weight (bound to each adapted layer)."""
+    base = self.get_base_layer()
+    if self.disable_adapters or self.merged:
+        return base(x, *args, **kwargs)
+    weight, extra = base.weight, None
+    for adapter in self.active_adapters:
+        if adapter not in self.lora_A:
+            continue
+        delta = self.get_delta_weight(adapter)
+        dropout = self.lora_dropout[adapter]
+        if not self.training or isinstance(dropout, nn.Identity):
+            weight = masked_weight(weight, delta)  # exactly the weight the masked merge writes
+        else:  # dropout on the adapter's input only, as in LoRA
+            part = F.linear(dropout(x), torch.where(base.weight != 0, delta, torch.zeros_like(delta)))
+            extra = part if extra is None else extra + part
+    out = F.linear(x, weight, base.bias)
+    return out if extra is None else out + extra
+
+
+def make_mask_aware(peft_model) -> int:
+    """Make every LoRA linear of ``peft_model`` train and infer through :func:`masked_weight`."""
+    layers = _lora_layers(peft_model)
+    for module in layers:
+        module.forward = types.MethodType(_mask_aware_forward, module)
+    return len(layers)
 
 
 def merge(peft_model, mode: str) -> nn.Module:

@@ -23,9 +23,10 @@ class RecoverySettings:
     """What a recovery run depends on (besides the pruned checkpoint and the training text itself).
 
     ``data`` None trains on the pruned model's calibration source (from its ``dlp_report.json``), or C4 when
-    the checkpoint does not say. ``merge``: ``masked`` (default) adds ``M * (scale B A)`` to each weight, M the
-    pruned weight's non-zero mask, so every zero stays; ``none`` keeps the adapter beside the unchanged pruned
-    weights; ``plain`` merges the full update (densifies: for comparison only).
+    the checkpoint does not say. ``merge``: ``masked`` (default) trains through the mask and adds
+    ``M * (scale B A)`` to each weight, M the pruned weight's non-zero mask, so every zero stays; ``none``
+    trains plain LoRA and keeps the adapter beside the unchanged pruned weights; ``plain`` merges a plain
+    LoRA update in full (densifies: for comparison only). See :mod:`dlp.recovery_merge`.
     """
 
     steps: int = B.DEFAULT_RECOVERY_STEPS
@@ -75,9 +76,16 @@ class RecoverySettings:
         out["target_modules"] = list(self.target_modules)
         return out
 
+    @property
+    def mask_aware(self) -> bool:
+        """The masked merge trains through the mask; ``none`` and ``plain`` train a plain LoRA adapter."""
+        return self.merge == "masked"
+
     def training_key(self) -> dict:
-        """The settings the trained adapter depends on: all but the merge mode and how often state is saved."""
-        return {k: v for k, v in self.to_json().items() if k not in ("merge", "save_every")}
+        """The settings the trained adapter depends on: all but how often state is saved, and of the merge
+        mode only whether training was mask-aware."""
+        out = {k: v for k, v in self.to_json().items() if k not in ("merge", "save_every")}
+        return {**out, "mask_aware": self.mask_aware}
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.training_key(), sort_keys=True).encode()).hexdigest()

@@ -14,6 +14,7 @@ import torch
 from .bounds import RECOVERY_MAX_GRAD_NORM
 from .decoder import find_decoder
 from .errors import DLPError
+from .recovery_merge import make_mask_aware
 from .recovery_settings import RecoverySettings
 from .recovery_state import StateSaver, TrainingState, read_state, save_with
 
@@ -28,14 +29,18 @@ def check_targets(block_linears: list[str], targets: tuple[str, ...]) -> None:
 
 
 def add_lora(model, settings: RecoverySettings):
-    """Wrap ``model`` with fresh LoRA adapters on the target linears (seeded initialisation)."""
+    """Wrap ``model`` with fresh LoRA adapters on the target linears (seeded initialisation); mask-aware for
+    the masked merge (see :mod:`dlp.recovery_merge`)."""
     from peft import LoraConfig, get_peft_model
 
     check_targets(list(find_decoder(model).linears(0)), settings.target_modules)
     torch.manual_seed(settings.seed)
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    if settings.mask_aware:
+        make_mask_aware(peft_model)
+    return peft_model
 
 
 def learning_rate(settings: RecoverySettings, step: int) -> float:
