@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cli import main
 from dlp.errors import DLPError
 from dlp.recovery_merge import masked_merge_, merge, zero_counts
 from dlp.recovery_settings import RecoverySettings
@@ -21,6 +20,7 @@ from dlp.recovery_train import add_lora
 
 from . import tiny_models
 from .conftest import ROOT
+from .test_cli import run  # main() under pytest.raises(SystemExit): (code, stdout, stderr)
 
 
 def _pruned_tiny(arch: str):
@@ -145,13 +145,6 @@ def pruned_folder(tmp_path_factory):
     save_checkpoint(model, tok, out, {**report.to_json(),
                                       "calibration": {"source": "c4", "nsamples": 4, "seqlen": 64, "seed": 0}})
     return out
-
-
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
 SMALL = ("--steps", "4", "--batch", "2", "--seqlen", "32", "--save-every", "2")
