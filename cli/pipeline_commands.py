@@ -96,6 +96,19 @@ def _preflight(cfg) -> None:
 
     run_preflight(cfg)
     _check_data(cfg)
+    _check_recovery(cfg)
+
+
+def _check_recovery(cfg) -> None:
+    """A ``recovery:`` block on a local model: its target modules and training text are checked here, in
+    seconds (the flow checks a hub model right after fetching it, before calibration)."""
+    from dlp.models import BUNDLED, resolve_model
+    from pipeline.stages.recover import check_recovery, recovery_params
+
+    source = cfg.model.source
+    if cfg.recovery is None or not (source in BUNDLED or Path(source).expanduser().is_dir()):
+        return
+    check_recovery(recovery_params(cfg), resolve_model(source).path)
 
 
 def _check_data(cfg) -> None:
@@ -156,6 +169,11 @@ def format_summary(s: dict[str, Any]) -> str:
         for name, t in zs["tasks"].items():
             lines.append(f"{'acc ' + name:<20} {_fmt(t.get('acc_dense'), 4):>10} {_fmt(t.get('acc'), 4):>10}")
         lines.append(f"{'mean acc':<20} {_fmt(zs.get('mean_acc_dense'), 4):>10} {_fmt(zs.get('mean_acc'), 4):>10}")
+    rec = s.get("recovery")
+    if rec:
+        lines.append(f"{'recovery (LoRA)':<20} ppl {_fmt(rec['ppl_before'])} -> {_fmt(rec['ppl_after'])}, sparsity "
+                     f"{rec['sparsity_before']:.6f} -> {rec['sparsity_after']:.6f} ({'exact' if rec['exact'] else 'changed'}), "
+                     f"loss {_fmt(rec['loss_first'])} -> {_fmt(rec['loss_last'])} over {rec['steps']} steps")
     lines.append("")
     lines.append(f"registered: {s['registered_name']} version {s['version']} ({s['model_uri']})")
     lines.append(f"load it:    mlflow.transformers.load_model(\"{s['alias_uri']}\")")

@@ -29,7 +29,7 @@ from .checkpoint import REPORT_NAME, save_checkpoint
 from .decoder import find_decoder
 from .errors import DLPError
 from .models import ModelRef, load_model, resolve_model
-from .recovery_merge import merge, prunable_weights, zero_counts
+from .recovery_merge import block_sparsity, merge, prunable_weights, zero_counts
 from .recovery_settings import RecoverySettings
 from .recovery_state import StateSaver
 from .recovery_train import add_lora, check_targets, train
@@ -76,8 +76,12 @@ def block_linear_names(path: str, trust_remote_code: bool = False) -> list[str]:
     return list(find_decoder(skeleton).linears(0))
 
 
-def plan_recovery(model: str | Path | ModelRef, settings: RecoverySettings, *, trust_remote_code: bool = False) -> RecoveryPlan:
-    """Check everything a recovery run needs and draw its training windows; loads no weights."""
+def plan_recovery(model: str | Path | ModelRef, settings: RecoverySettings, *, trust_remote_code: bool = False,
+                  calibration: dict | None = None, data_dir: str | Path | None = None) -> RecoveryPlan:
+    """Check everything a recovery run needs and draw its training windows; loads no weights.
+
+    ``calibration`` (``{"source", "nsamples", "seqlen", "seed"}``) names the calibration draw the training
+    windows avoid when the checkpoint's ``dlp_report.json`` does not (the pipeline passes its own)."""
     from transformers import AutoTokenizer
 
     start = time.perf_counter()
@@ -85,9 +89,9 @@ def plan_recovery(model: str | Path | ModelRef, settings: RecoverySettings, *, t
     ref = model if isinstance(model, ModelRef) else resolve_model(str(model))
     check_targets(block_linear_names(ref.path, trust_remote_code), settings.target_modules)
     report = read_prune_report(ref.path)
-    calibration = (report or {}).get("calibration") or None
+    calibration = calibration or (report or {}).get("calibration") or None
     source = settings.data or (calibration or {}).get("source") or "c4"
-    text = data.load_text(source)
+    text = data.load_text(source, data_dir)
     exclude = None
     if calibration and calibration.get("source") == source:
         exclude = (int(calibration["nsamples"]), int(calibration["seqlen"]), int(calibration["seed"]))
@@ -124,7 +128,8 @@ def run_recovery(plan: RecoveryPlan, out: str | Path, *, saver: StateSaver | Non
         recovered = merge(peft_model, plan.settings.merge)
         merge_seconds = time.perf_counter() - t
         after = zero_counts(recovered)
-        report = _report(plan, state, resumed, before, after, prunable_weights(recovered), trainable,
+        report = _report(plan, state, resumed, before, after, prunable_weights(recovered), block_sparsity(recovered),
+                         trainable,
                          {"plan": plan.seconds, "train": train_seconds, "merge": merge_seconds,
                           "total": plan.seconds + time.perf_counter() - start})
         _check_zeros(plan.settings.merge, before, after)
@@ -145,7 +150,7 @@ def _check_zeros(mode: str, before: dict[str, int], after: dict[str, int]) -> No
         raise RuntimeError(f"merge '{mode}' changed the zeros of {len(changed)} linears (first: {changed[0]})")
 
 
-def _report(plan: RecoveryPlan, state, resumed, before, after, prunable, trainable, seconds) -> dict:
+def _report(plan: RecoveryPlan, state, resumed, before, after, prunable, per_block, trainable, seconds) -> dict:
     import peft
 
     zb, za = sum(before.values()), sum(after.values())
@@ -154,7 +159,7 @@ def _report(plan: RecoveryPlan, state, resumed, before, after, prunable, trainab
         "settings": plan.settings.to_json(), "data": plan.data, "trainable_parameters": trainable,
         "steps": state.step, "resumed_from_step": resumed, "loss": state.losses,
         "sparsity": {"before": zb / prunable, "after": za / prunable, "zeros_before": zb, "zeros_after": za,
-                     "prunable_weights": prunable, "exact": zb == za},
+                     "prunable_weights": prunable, "exact": zb == za, "per_block_after": per_block},
         "seconds": seconds, "versions": {"peft": peft.__version__, "torch": torch.__version__},
     }
 

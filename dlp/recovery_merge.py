@@ -37,6 +37,17 @@ def prunable_weights(model: nn.Module) -> int:
     return sum(l.weight.numel() for i in range(layout.num_blocks) for l in layout.linears(i).values())
 
 
+def block_sparsity(model: nn.Module) -> list[float]:
+    """Fraction of exactly-zero weights among each decoder block's linears."""
+    layout = find_decoder(model)
+    out = []
+    for i in range(layout.num_blocks):
+        linears = list(layout.linears(i).values())
+        zeros = sum(int((l.weight == 0).sum()) for l in linears)
+        out.append(zeros / sum(l.weight.numel() for l in linears))
+    return out
+
+
 def masked_weight(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """``W + M * delta`` with ``M = (W != 0)``; where the sum cancels to exactly 0.0, ``W`` is kept."""
     summed = weight + delta

@@ -40,6 +40,7 @@ __all__ = [
     "PAPER_JOBS",
     "PerplexitySection",
     "PruningSection",
+    "RecoverySection",
     "RegistrySection",
     "StorageSection",
     "ZERO_SHOT_7",
@@ -166,6 +167,28 @@ class ResourcesSection(_Section):
         return None if self.memory_budget is None else parse_size(self.memory_budget)
 
 
+class RecoverySection(_Section):
+    """LoRA recovery fine-tuning of the pruned model (the ``recover`` stage; see :mod:`dlp.recovery`).
+    Bounds and defaults from :mod:`dlp.bounds` (the CPU defaults: minutes for the bundled model)."""
+
+    steps: int = Field(bounds.DEFAULT_RECOVERY_STEPS, **bounds.RECOVERY_STEPS.field(), description="optimizer steps")
+    lr: float = Field(bounds.DEFAULT_RECOVERY_LR, **bounds.RECOVERY_LR.field(), description="AdamW learning rate (linear decay to 0)")
+    rank: int = Field(bounds.DEFAULT_LORA_RANK, **bounds.LORA_RANK.field(), description="LoRA rank r")
+    alpha: float = Field(bounds.DEFAULT_LORA_ALPHA, **bounds.LORA_ALPHA.field(), description="LoRA alpha (update scaled by alpha / r)")
+    dropout: float = Field(bounds.DEFAULT_LORA_DROPOUT, **bounds.LORA_DROPOUT.field())
+    target_modules: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: list(bounds.DEFAULT_RECOVERY_TARGETS), min_length=1,
+        description="block linears that get an adapter, e.g. [q_proj, v_proj]")
+    seqlen: int = Field(bounds.DEFAULT_RECOVERY_SEQLEN, **bounds.SEQLEN.field(), description="tokens per training window")
+    batch: int = Field(bounds.DEFAULT_RECOVERY_BATCH, **bounds.RECOVERY_BATCH.field(), description="windows per step")
+    data: str | None = Field(None, min_length=1, description="training text (None: the calibration source); "
+                                                             "windows disjoint from the calibration windows")
+    seed: int = bounds.DEFAULT_RECOVERY_SEED
+    merge: Literal["masked", "plain"] = Field(bounds.DEFAULT_MERGE, description="masked keeps every zero; plain "
+                                                                             "densifies (for comparison)")
+    save_every: int = Field(bounds.DEFAULT_SAVE_EVERY, **bounds.SAVE_EVERY.field(), description="steps between training states saved to the store")
+
+
 class StorageSection(_Section):
     uri: str | None = Field(None, description="artifact store: path, file:///abs/path or s3://bucket/prefix")
     endpoint_url: str | None = Field(None, description="S3 endpoint (default: $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL)")
@@ -182,6 +205,7 @@ class JobConfig(_Section):
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
     pruning: PruningSection = Field(default_factory=PruningSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    recovery: RecoverySection | None = Field(None, description="LoRA recovery after pruning (absent: no recover stage)")
     registry: RegistrySection = Field(default_factory=RegistrySection)
     storage: StorageSection = Field(default_factory=StorageSection)
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
@@ -215,6 +239,8 @@ class JobConfig(_Section):
         parts.append(p.pattern.replace(":", "of"))
         if p.mode != "sequential":
             parts.append(p.mode)
+        if self.recovery is not None:
+            parts.append(f"lora{self.recovery.steps}")
         return "-".join(parts)
 
     def flat_params(self) -> dict[str, str]:

@@ -165,6 +165,7 @@ class _VariantRun:
     pip_requirements: Sequence[str] | None
     documents: Mapping[str, Any]
     extra_artifacts: Mapping[str, str | os.PathLike[str]]
+    series: Mapping[str, Sequence[float]]
 
     @property
     def title(self) -> str:
@@ -193,7 +194,7 @@ def _log_new_run(experiment_id: str, v: _VariantRun) -> tuple[str, str]:
     nested = mlflow.active_run() is not None
     with mlflow.start_run(experiment_id=experiment_id, run_name=v.run_name, nested=nested, tags=v.run_tags) as run:
         log_run_content(params=v.params, metrics=v.metrics, blocks=v.blocks, plot_title=v.title,
-                        documents=v.documents, extra_artifacts=v.extra_artifacts)
+                        documents=v.documents, extra_artifacts=v.extra_artifacts, series=v.series)
         info = log_checkpoint(v.checkpoint_dir, card_title=v.card_title, tags=v.tags,
                               pip_requirements=v.pip_requirements)
         mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
@@ -270,12 +271,13 @@ def log_variant_run(
     extra_artifacts: Mapping[str, str | os.PathLike[str]] | None = None,
     extra_tags: Mapping[str, str] | None = None,
     description: str | None = None,
+    series: Mapping[str, Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """Log one pruned variant as an MLflow run and register its checkpoint as a new model version.
 
     params/metrics/block_*: see :mod:`pipeline.variant_logging`; lineage: :data:`LINEAGE_FIELDS` (tagged
     ``dlp.<field>`` on run and version); documents: artifact file -> dict or text; extra_artifacts: artifact
-    folder -> file or folder. Idempotent on ``variant_key``: when a version with that ``dlp.variant_key``
+    folder -> file or folder; series: metric -> values logged at steps 1, 2, ... Idempotent on ``variant_key``: when a version with that ``dlp.variant_key``
     exists it is returned and nothing is created. Returns ``{"name", "version", "run_id", "model_uri",
     "alias", "reused"}`` with ``model_uri = "models:/NAME/VERSION"``.
     """
@@ -290,7 +292,7 @@ def log_variant_run(
         run_tags={**tags, **(extra_tags or {})}, params=params or {}, metrics=metrics or {},
         blocks=BlockProfile(block_sparsity or (), block_target or (), block_statistic or (), statistic_name),
         run_name=run_name, pip_requirements=pip_requirements, documents=documents or {},
-        extra_artifacts=extra_artifacts or {},
+        extra_artifacts=extra_artifacts or {}, series=series or {},
     )
     exp_id = ensure_experiment(experiment, artifact_location, tracking_uri=uri, workdir=workdir)
     run = _find_reusable_run(client, exp_id, variant_key)

@@ -53,7 +53,8 @@ _NUMERIC_COLS = {"version", "target", "sparsity", "ppl", "dense ppl", "ratio", "
 
 
 def _series_key(v: Variant) -> str:
-    return "/".join(p for p in (v.method, v.allocation) if p) or "variant"
+    key = "/".join(p for p in (v.method, v.allocation) if p) or "variant"
+    return key + " + LoRA" if v.recovered else key
 
 
 def _profiles_chart(variants: Sequence[Variant]) -> str:
@@ -149,10 +150,11 @@ PAGE = """<!DOCTYPE html>
 allocate non-uniform sparsity (solid: DLP, dotted: OWL), uniform is flat (dashed).</div></div>
 <h2>Perplexity vs sparsity</h2>
 <div class="card">{ppl}<div class="note">Pruned perplexity against achieved overall sparsity, one line per
-method/allocation; the dashed line is the dense model.</div></div>
+method/allocation (recovered variants, "+ LoRA", a line of their own); the dashed line is the dense model.</div></div>
 <h2>Metrics</h2>
 <div class="card">{table}<div class="note">ratio = pruned / dense perplexity; zs drop = dense minus pruned zero-shot
-mean accuracy; newest version first.</div></div>
+mean accuracy; recovered = LoRA recovery fine-tuned after pruning (with the perplexity before it); newest version
+first.</div></div>
 {zero_shot}
 </body></html>
 """

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pipeline.manifest import Manifest
 
-__all__ = ["CalibrationResult", "EvaluationResult", "FetchResult", "ModelSource", "PruneResult", "RatesResult",
+__all__ = ["CalibrationResult", "EvaluationResult", "FetchResult", "ModelSource", "PruneResult", "RatesResult", "RecoverResult",
            "RegisterResult", "Registration", "StageResult", "StatisticsResult"]
 
 R = TypeVar("R", bound="StageResult")
@@ -108,6 +108,21 @@ class PruneResult(StageResult):
     achieved_sparsity: float
     achieved_per_block: list[float]
     target_per_block: list[float]
+    weights_sha256: dict[str, str] = {}
+
+
+class RecoverResult(StageResult):
+    """The recovered checkpoint (a folder in the store, read like the prune stage's) and its figures."""
+
+    achieved_sparsity: float
+    sparsity_before: float
+    exact: bool
+    achieved_per_block: list[float]
+    loss: list[float]
+    steps: int
+    settings: dict[str, Any]
+    data: dict[str, Any] = {}
+    train_seconds: float = 0.0
     weights_sha256: dict[str, str] = {}
 
 

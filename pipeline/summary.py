@@ -5,9 +5,17 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from pipeline.results import EvaluationResult, FetchResult, PruneResult, RatesResult, RegisterResult, StageResult
+from pipeline.results import (
+    EvaluationResult,
+    FetchResult,
+    PruneResult,
+    RatesResult,
+    RecoverResult,
+    RegisterResult,
+    StageResult,
+)
 
-__all__ = ["stage_record", "summarize"]
+__all__ = ["recovery_summary", "stage_record", "summarize"]
 
 
 def stage_record(state_name: str | None, result: StageResult | None, seconds: float | None) -> dict[str, Any]:
@@ -64,4 +72,21 @@ def summarize(cfg: Any, model: FetchResult, rates: RatesResult, prune: PruneResu
         "base_model": {"source": ref.source, "revision": ref.revision, "fingerprint": ref.fingerprint},
         "checkpoint_uri": prune.uri, "checkpoint_sha256": prune.manifest.sha256 if prune.manifest else None,
         "weights_sha256": prune.weights_sha256, "workdir": cfg.workdir, "store": cfg.storage_uri,
+    }
+
+
+def recovery_summary(recover: RecoverResult, before: EvaluationResult | None,
+                     evaluation: EvaluationResult) -> dict[str, Any]:
+    """What a recovered variant adds to the summary: the recovered checkpoint (what was registered), its sparsity
+    per block, and the ``recovery`` figures (perplexity and sparsity before / after, the loss curve's ends)."""
+    loss = recover.loss
+    return {
+        "achieved_sparsity": float(recover.achieved_sparsity), "checkpoint_uri": recover.uri,
+        "checkpoint_sha256": recover.manifest.sha256 if recover.manifest else None,
+        "weights_sha256": recover.weights_sha256,
+        "recovery": {"ppl_before": before.ppl if before else None, "ppl_after": evaluation.ppl,
+                     "sparsity_before": float(recover.sparsity_before), "sparsity_after": float(recover.achieved_sparsity),
+                     "exact": recover.exact, "steps": recover.steps, "loss_first": loss[0] if loss else None,
+                     "loss_last": loss[-1] if loss else None, "settings": recover.settings,
+                     "train_seconds": recover.train_seconds, "key": recover.key},
     }

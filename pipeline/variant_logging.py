@@ -146,10 +146,11 @@ def log_run_content(
     plot_title: str,
     documents: Mapping[str, Any] | None = None,
     extra_artifacts: Mapping[str, str | Path] | None = None,
+    series: Mapping[str, Sequence[float]] | None = None,
 ) -> None:
     """Params, metrics and artifacts into the active run.
 
-    ``documents``: artifact file -> dict (``mlflow.log_dict``) or str (``mlflow.log_text``);
+    ``series``: metric -> values, logged as one metric history at steps 1, 2, ... (a loss curve); ``documents``: artifact file -> dict (``mlflow.log_dict``) or str (``mlflow.log_text``);
     ``extra_artifacts``: artifact folder -> a file or a folder (logged under that folder)."""
     import mlflow
 
@@ -157,6 +158,7 @@ def log_run_content(
         mlflow.log_params(batch)
     for batch in _batches(run_metrics(metrics, blocks), _METRIC_BATCH):
         mlflow.log_metrics(batch)
+    _log_series(series or {})
     if blocks:
         mlflow.log_dict(blocks.to_json(), "sparsity/blocks.json")
     if blocks.achieved:
@@ -172,6 +174,21 @@ def log_run_content(
             mlflow.log_artifacts(str(src_path), artifact_path=dest)
         else:
             mlflow.log_artifact(str(src_path), artifact_path=dest or None)
+
+
+def _log_series(series: Mapping[str, Sequence[float]]) -> None:
+    """Each series as a stepped metric history, in batches (one request per batch, not per point)."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    run_id, now = mlflow.active_run().info.run_id, int(time.time() * 1000)
+    points = [Metric(name, float(v), now, step) for name, values in series.items()
+              for step, v in enumerate(values, start=1) if math.isfinite(float(v))]
+    client = mlflow.MlflowClient()
+    for i in range(0, len(points), _METRIC_BATCH):
+        client.log_batch(run_id, metrics=points[i : i + _METRIC_BATCH])
 
 
 def default_pip_requirements() -> list[str]:

@@ -72,6 +72,8 @@ class Variant:
     created: float | None = None  # epoch seconds
     variant_key: str | None = None
     run_name: str | None = None
+    recovered: bool = False  # LoRA recovery fine-tuned after pruning (tag dlp.recovered)
+    ppl_before_recovery: float | None = None
     tags: dict[str, str] = field(default_factory=dict)
 
     def gate_value(self, metric: str) -> float | None:
@@ -85,6 +87,8 @@ class Variant:
         sp = self.target_sparsity if self.target_sparsity is not None else self.sparsity
         if sp is not None:
             parts.append(f"{sp:.0%}")
+        if self.recovered:
+            parts.append("lora")
         return f"v{self.version} " + ("-".join(parts) if parts else (self.run_name or ""))
 
     def to_json(self) -> dict[str, Any]:
@@ -153,6 +157,8 @@ def variant_from(mv: Any, run: Any | None, aliases: Sequence[str] = ()) -> Varia
                          if (m := _TASK_ACC_RX.match(k)) and m.group(1) not in ("mean", "dense", "pruned")}
     v.created = (mv.creation_timestamp or 0) / 1000.0 if getattr(mv, "creation_timestamp", None) else None
     v.run_name = run.info.run_name if run is not None else None
+    v.recovered = tag("recovered") == "true"
+    v.ppl_before_recovery = _first(metrics, ("recovery.ppl_before",))
     v.tags = tags
     return v
 
@@ -211,7 +217,7 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 TABLE_COLUMNS = ("version", "aliases", "method", "allocation", "target", "sparsity", "ppl", "dense ppl", "ratio",
-                 "zero-shot", "zs drop", "base rev", "created")
+                 "zero-shot", "zs drop", "base rev", "created", "recovered")
 
 
 def table_rows(variants: Sequence[Variant]) -> list[list[str]]:
@@ -225,8 +231,18 @@ def table_rows(variants: Sequence[Variant]) -> list[list[str]]:
             str(v.version), ",".join(v.aliases) or "-", v.method or "-", alloc, _fmt(v.target_sparsity, ".3f"),
             _fmt(v.sparsity, ".4f"), _fmt(v.ppl, ".3f"), _fmt(v.dense_ppl, ".3f"), _fmt(v.ppl_ratio, ".3f"),
             _fmt(v.zero_shot, ".4f"), _fmt(v.zero_shot_drop, "+.4f"), (v.base_revision or "-")[:12], created,
+            _recovered_cell(v),
         ])
     return rows
+
+
+def _recovered_cell(v: Variant) -> str:
+    """``-``, or ``lora r8 (ppl 31.2 before)`` for a recovered variant."""
+    if not v.recovered:
+        return "-"
+    rank = v.tags.get("dlp.recovery.rank")
+    before = f" (ppl {v.ppl_before_recovery:.3f} before)" if v.ppl_before_recovery is not None else ""
+    return "lora" + (f" r{rank}" if rank else "") + before
 
 
 def format_table(variants: Sequence[Variant]) -> str:

@@ -6,7 +6,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.results import CalibrationResult, EvaluationResult, FetchResult, PruneResult, RatesResult, StatisticsResult
+from pipeline.results import (
+    CalibrationResult,
+    EvaluationResult,
+    FetchResult,
+    PruneResult,
+    RatesResult,
+    RecoverResult,
+    StatisticsResult,
+)
 from pipeline.stages.register import VariantStages, register_variant
 from tasks.stage import as_state, stage_task
 
@@ -14,6 +22,7 @@ from tasks.stage import as_state, stage_task
 @stage_task("register", retry_delay_seconds=3)
 def register_task(store: dict[str, Any], job: dict[str, Any], model: FetchResult, calib: CalibrationResult,
                   stats: StatisticsResult, rates: RatesResult, prune: PruneResult, evaluation: EvaluationResult,
-                  baseline: EvaluationResult | None, stage_seconds: dict[str, float] | None = None):
-    stages = VariantStages(model, calib, stats, rates, prune, evaluation, baseline)
+                  baseline: EvaluationResult | None, stage_seconds: dict[str, float] | None = None,
+                  recover: RecoverResult | None = None, before: EvaluationResult | None = None):
+    stages = VariantStages(model, calib, stats, rates, prune, evaluation, baseline, recover, before)
     return as_state(register_variant(store, job, stages, stage_seconds))

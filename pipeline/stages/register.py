@@ -22,12 +22,20 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pipeline.cache import StoreSpec, content_key, hook, materialize, stage_lock, stage_logger
+from pipeline.recovery_logging import (
+    loss_plot,
+    recovery_documents,
+    recovery_lineage,
+    recovery_metrics,
+    recovery_series,
+)
 from pipeline.results import (
     CalibrationResult,
     EvaluationResult,
     FetchResult,
     PruneResult,
     RatesResult,
+    RecoverResult,
     RegisterResult,
     Registration,
     StageResult,
@@ -37,8 +45,10 @@ from pipeline.results import (
 _REGISTER_LOCK = threading.Lock()  # one registration at a time per process (SQLite registry, fluent MLflow API)
 
 
-def variant_key(prune: PruneResult, evaluation: EvaluationResult) -> str:
-    return content_key("variant", prune=prune.key, evaluation=evaluation.key)
+def variant_key(prune: PruneResult, evaluation: EvaluationResult, recover: RecoverResult | None = None) -> str:
+    """The registered variant's identity; a recovered variant's includes the recover key (another version)."""
+    extra = {"recover": recover.key} if recover is not None else {}
+    return content_key("variant", prune=prune.key, evaluation=evaluation.key, **extra)
 
 
 def _ppl_metrics(evaluation: EvaluationResult, baseline: EvaluationResult | None) -> dict[str, float]:
@@ -111,6 +121,8 @@ def recorded_stage_seconds(stages: "VariantStages") -> dict[str, float | None]:
     """The recorded compute time of each stage's artifact (stable across reruns)."""
     s = stages
     seconds: dict[str, float | None] = {r.stage: r.recorded_seconds for r in (s.calib, s.stats, s.rates, s.prune)}
+    if s.recover is not None:
+        seconds["recover"] = s.recover.recorded_seconds
     for label, ev in (("evaluate", s.evaluation), ("baseline", s.baseline)):
         if ev:
             seconds[label] = sum(float(p.recorded_seconds or 0.0) for p in ev.parts.values())
@@ -136,7 +148,8 @@ def variant_lineage(cfg: Any, stages: "VariantStages") -> dict[str, Any]:
         "statistic_requested": p.statistic if searched else None,
         "pattern": p.pattern,
         "calibration_fingerprint": stages.calib.fingerprint,
-        "artifact_uri": stages.prune.uri,
+        "artifact_uri": stages.final.uri,
+        **(recovery_lineage(stages.recover) if stages.recover is not None else {}),
     }
 
 
@@ -147,11 +160,14 @@ def _manifests(results: Mapping[str, StageResult]) -> dict[str, Any]:
 def variant_documents(cfg: Any, stages: "VariantStages") -> dict[str, Any]:
     """The job YAML, the pipeline manifests and the zero-shot reports, by artifact file."""
     s = stages
-    manifests: dict[str, Any] = _manifests({r.stage: r for r in (s.model, s.calib, s.stats, s.rates, s.prune)})
+    manifests: dict[str, Any] = _manifests({r.stage: r for r in (s.model, s.calib, s.stats, s.rates, s.prune, s.recover)
+                                            if r is not None})
     manifests["evaluate"] = _manifests(s.evaluation.parts)
     if s.baseline:
         manifests["baseline"] = _manifests(s.baseline.parts)
     docs: dict[str, Any] = {"config/job.yaml": cfg.to_yaml(), "pipeline/manifests.json": manifests}
+    if s.recover is not None:
+        docs.update(recovery_documents(s.recover, s.before, s.evaluation))
     if s.evaluation.zero_shot:
         docs["evaluation/zero_shot.json"] = {"pruned": s.evaluation.zero_shot,
                                              "dense": s.baseline.zero_shot if s.baseline else None}
@@ -188,6 +204,30 @@ class VariantStages:
     prune: PruneResult
     evaluation: EvaluationResult
     baseline: EvaluationResult | None
+    recover: RecoverResult | None = None  # the recovered checkpoint (then ``evaluation`` is of it)
+    before: EvaluationResult | None = None  # the pruned model's evaluation, before recovery
+
+    @property
+    def final(self) -> PruneResult | RecoverResult:
+        """The checkpoint that is registered."""
+        return self.recover if self.recover is not None else self.prune
+
+
+def _metrics(stages: VariantStages, stage_seconds: Mapping[str, float | None]) -> dict[str, float]:
+    m = {**variant_metrics(stages.prune, stages.evaluation, stages.baseline, stage_seconds),
+         **search_metrics(stages.rates.alpha_search)}
+    if stages.recover is not None:
+        m.update(recovery_metrics(stages.recover, stages.before, stages.evaluation))
+    return m
+
+
+def _extra_artifacts(spec: StoreSpec, stages: VariantStages, tmp: Path) -> dict[str, Path]:
+    found, out = stages.rates.alpha_search, {}
+    if found:
+        out["alpha_search"] = _fetch_alpha_search(spec, found, tmp / "alpha_search")
+    if stages.recover is not None:
+        out["recovery"] = loss_plot(stages.recover, tmp / "recovery").parent
+    return out
 
 
 def _log_variant(cfg: Any, spec: StoreSpec, stages: VariantStages, vkey: str, new: bool,
@@ -195,21 +235,19 @@ def _log_variant(cfg: Any, spec: StoreSpec, stages: VariantStages, vkey: str, ne
     """One :func:`pipeline.registry.log_variant_run` call with everything the variant's run holds."""
     from pipeline import registry
 
-    rates, found, workdir = stages.rates, stages.rates.alpha_search, cfg.workdir_path
+    rates, workdir = stages.rates, cfg.workdir_path
     logged = registry.log_variant_run(
         registered_name=cfg.registry.model_name, variant_key=vkey,
-        checkpoint_dir=materialize(spec, stages.prune.manifest) if new else workdir,  # not read when registered
-        params=cfg.model_dump(mode="json"),
-        metrics={**variant_metrics(stages.prune, stages.evaluation, stages.baseline, stage_seconds),
-                 **search_metrics(found)},
-        block_sparsity=stages.prune.achieved_per_block, block_target=rates.ratios,
+        checkpoint_dir=materialize(spec, stages.final.manifest) if new else workdir,  # not read when registered
+        params=cfg.model_dump(mode="json"), metrics=_metrics(stages, stage_seconds),
+        series=recovery_series(stages.recover) if stages.recover is not None else None,
+        block_sparsity=stages.final.achieved_per_block, block_target=rates.ratios,
         block_statistic=rates.block_statistic, statistic_name=rates.statistic_name,
         lineage=variant_lineage(cfg, stages), experiment=cfg.registry.experiment,
         artifact_location=cfg.registry.artifact_location, run_name=cfg.variant_name(),
         tracking_uri=cfg.registry.tracking_uri, workdir=workdir, alias=cfg.registry.alias,
         documents=variant_documents(cfg, stages),
-        extra_artifacts={"alpha_search": _fetch_alpha_search(spec, found, tmp / "alpha_search")}
-        if found and new else None,
+        extra_artifacts=_extra_artifacts(spec, stages, tmp) if new else None,
         extra_tags={"dlp.job_name": cfg.name} if cfg.name else None,
     )
     return Registration.model_validate(logged)
@@ -224,7 +262,7 @@ def register_variant(store: StoreSpec | Mapping[str, Any], job: Mapping[str, Any
 
     spec, cfg = StoreSpec.of(store), JobConfig.model_validate(dict(job))
     seconds = recorded_stage_seconds(stages) if stage_seconds is None else stage_seconds
-    vkey = variant_key(stages.prune, stages.evaluation)
+    vkey = variant_key(stages.prune, stages.evaluation, stages.recover)
     t0 = time.perf_counter()
     with stage_lock(spec, "register", vkey), _REGISTER_LOCK, tempfile.TemporaryDirectory(prefix="dlp-register-") as tmp:
         client = registry.get_client(cfg.registry.tracking_uri, cfg.workdir_path)
