@@ -19,11 +19,16 @@ RECOVERY = {"steps": 4, "batch": 1, "seqlen": 32, "rank": 2, "alpha": 4.0, "lr":
 
 @pytest.fixture(scope="module")
 def recovered(tiny_model, tmp_path_factory, prefect_harness):
-    """One compress run with ``recovery:`` in a module-wide workdir: (runner, summary, computed stages)."""
+    """A compress run with ``recovery:`` that fails right after the first training state is stored (step 2 of
+    4), then the same job again, in a module-wide workdir: (runner, summary, computed stages, trace)."""
+    from pipeline.cache import InjectedFailure
+
     mp = pytest.MonkeyPatch()
     mp.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path_factory.mktemp("pipeline-recover")
     runner = Runner(tiny_model, root / "work", root / "trace.txt")
+    with pytest.raises(InjectedFailure):
+        runner.run(mp, fail="recover:state_saved", recovery=RECOVERY)
     summary = runner.run(mp, recovery=RECOVERY)
     trace = runner.trace.read_text().split()
     mp.undo()
@@ -34,9 +39,11 @@ def test_recovered_variant_is_registered_with_exact_sparsity(recovered):
     from pipeline.registry import get_client
 
     runner, s, computed, trace = recovered
-    assert {"prune", "recover", "evaluate", "register"} <= computed
-    assert trace.count("recover:state_saved") == 2  # every save_every=2 of 4 steps
-    assert s["stages"]["recover"]["state"] == "Completed" and s["stages"]["evaluate_pruned"]["state"] == "Completed"
+    assert computed == {"recover", "evaluate", "register"}  # the rest was stored by the failed run
+    assert trace.count("recover:state_saved") == 1  # resumed at step 2: only the state of step 4 is saved
+    assert s["recovery"]["resumed_from_step"] == 2 and not any(k.startswith("recover/") and "/state" in k
+                                                               for k in _store_keys(runner))
+    assert s["stages"]["recover"]["state"] == "Completed" and s["stages"]["evaluate_pruned"]["state"] == "Cached"
     rec = s["recovery"]
     prune_sparsity = s["per_block"] and sum(b["achieved"] for b in s["per_block"]) / len(s["per_block"])
     assert rec["exact"] and rec["sparsity_after"] == rec["sparsity_before"] == s["achieved_sparsity"]
@@ -58,6 +65,32 @@ def test_recovered_variant_is_registered_with_exact_sparsity(recovered):
     assert {"recovery/loss.png", "recovery/report.json"} <= artifacts
 
 
+def _store_keys(runner) -> list[str]:
+    from pipeline.store import open_store
+
+    return open_store(str(runner.workdir / "artifacts"), workdir=str(runner.workdir)).list_keys("recover")
+
+
+def test_store_saver_keeps_the_newest_state_on_s3(s3_bucket, tmp_path):
+    from pipeline.cache import StoreSpec
+    from pipeline.stages.recover import StoreSaver
+
+    spec = StoreSpec(uri=s3_bucket.prefix_uri("run"), workdir=str(tmp_path / "work"), endpoint_url=s3_bucket.endpoint_url)
+    saver = StoreSaver(spec, "k" * 64)
+    assert saver.latest() is None
+    for step in (2, 4):
+        state = tmp_path / f"state-{step}"
+        state.mkdir()
+        (state / "state.json").write_text(f'{{"step": {step}}}')
+        saver.save(step, state)
+    local = saver.latest()
+    assert (local / "state.json").read_text() == '{"step": 4}'
+    keys = spec.open().list_keys(saver.prefix)
+    assert any("step-00000004" in k for k in keys) and not any("step-00000002" in k for k in keys)
+    saver.clear()
+    assert spec.open().list_keys(saver.prefix) == [] and saver.latest() is None
+
+
 def test_rerun_serves_recover_from_the_store_and_plain_prune_is_another_version(recovered, monkeypatch):
     from pipeline.variants import format_table, load_variants
 
@@ -69,6 +102,7 @@ def test_rerun_serves_recover_from_the_store_and_plain_prune_is_another_version(
     plain = runner.run(monkeypatch)  # same pruned model, no recovery: its evaluation is the cached one
     assert "recover" not in plain["stages"] and plain["version"] != first["version"]
     assert plain["pruned_ppl"] == first["recovery"]["ppl_before"] and runner.computed() == {"register"}
+    assert plain["achieved_sparsity"] == first["recovery"]["sparsity_after"]  # the prune stage's, exactly
     variants = {v.version: v for v in load_variants("tiny-llama-dlp", workdir=runner.workdir)}
     assert variants[int(first["version"])].recovered and not variants[int(plain["version"])].recovered
     table = format_table(list(variants.values()))
