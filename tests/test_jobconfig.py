@@ -78,12 +78,13 @@ def test_demo_config():
 
 def test_paper_configs_validate():
     names = sorted(p.name for p in PAPER_JOBS)
-    assert names == sorted(
-        f"paper-llama2-7b-{m}-{a}.yaml" for m in ("wanda", "sparsegpt") for a in ("uniform", "owl", "dlp")
-    )
+    cells = [f"paper-llama2-7b-{m}-{a}.yaml" for m in ("wanda", "sparsegpt") for a in ("uniform", "owl", "dlp")]
+    assert names == sorted([*cells, "paper-llama2-7b-wanda-dlp-recover.yaml"])
     for path in PAPER_JOBS:
         job = load_job(path)
-        stem = path.stem.split("-")
+        recover = path.stem.endswith("-recover")
+        stem = path.stem.removesuffix("-recover").split("-")
+        assert (job.recovery is not None) == recover
         assert (job.pruning.method, job.pruning.allocation) == (stem[-2], stem[-1])
         assert job.model.source == "meta-llama/Llama-2-7b-hf"
         assert (job.model.device, job.model.dtype) == ("cuda", "float16")
@@ -91,6 +92,10 @@ def test_paper_configs_validate():
         assert (job.calibration.nsamples, job.calibration.seqlen, job.calibration.source) == (128, 2048, "c4")
         assert (job.evaluation.perplexity.data, job.evaluation.perplexity.seqlen) == ("wikitext2", 2048)
         assert job.registry.model_name == "llama-2-7b-hf-dlp"
+        if recover:  # the Wanda/OWL LoRA recipe, merged masked
+            r = job.recovery
+            assert (r.rank, r.alpha, r.dropout, r.lr, r.target_modules) == (8, 16, 0.05, 1e-4, ["q_proj", "v_proj"])
+            assert (r.data, r.merge) == ("c4", "masked")
 
 
 # --------------------------------------------------------------------------------------------- errors
