@@ -294,3 +294,72 @@ def test_engine_progress_says_each_block_once_and_restores_the_logger(caplog):
     bridged = [r.getMessage() for r in caplog.records]
     assert "prune: block 1/2" in bridged and "statistics: block 1/2" in bridged
     assert [r.name for r in caplog.records].count("dlp.engine") == 0
+
+
+# ============================================================================================ recovery (issue 12)
+#: A tiny LoRA recovery: 4 steps of one 32-token window, state stored every 2 steps.
+RECOVERY = {"steps": 4, "batch": 1, "seqlen": 32, "rank": 2, "alpha": 4.0, "lr": 1e-3,
+            "target_modules": ["q_proj", "v_proj"], "save_every": 2}
+
+
+@pytest.fixture(scope="module")
+def recovered(base):
+    """The base job plus ``recovery:``, first failing right after the first training state is stored (step 2 of
+    4), then again: (runner, base summary, recovered summary, computed stages, trace) of the second run."""
+    from pipeline.cache import InjectedFailure
+
+    runner, s1, _ = base
+    mp = pytest.MonkeyPatch()
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(InjectedFailure):
+        runner.run(mp, fail="recover:state_saved", recovery=RECOVERY)
+    summary = runner.run(mp, recovery=RECOVERY)
+    out = runner, s1, summary, runner.computed(), read_trace(runner.trace)
+    mp.undo()
+    return out
+
+
+def _store_keys(runner: Runner, prefix: str) -> list[str]:
+    from pipeline.store import open_store
+
+    return open_store(str(runner.workdir / "artifacts"), workdir=str(runner.workdir)).list_keys(prefix)
+
+
+def test_recovery_resumes_from_the_stored_state_and_registers_exact_sparsity(recovered):
+    from pipeline.registry import get_client
+
+    runner, s1, s, computed, trace = recovered
+    assert computed == {"recover", "evaluate", "register"}  # the pruned model's evaluation is the base run's
+    assert trace.count("recover:state_saved") == 1  # resumed at step 2: only the state of step 4 is saved
+    assert s["stages"]["recover"]["state"] == "Completed" and s["stages"]["evaluate_pruned"]["state"] == "Cached"
+    rec = s["recovery"]
+    assert rec["resumed_from_step"] == 2 and not [k for k in _store_keys(runner, "recover") if "/state/" in k]
+    assert rec["exact"] and rec["sparsity_after"] == rec["sparsity_before"] == s1["achieved_sparsity"]
+    assert s["achieved_sparsity"] == s1["achieved_sparsity"]  # the prune stage's, to the weight
+    assert rec["steps"] == 4 and rec["ppl_before"] == s1["pruned_ppl"] and rec["ppl_after"] == s["pruned_ppl"]
+    assert "/recover/" in s["checkpoint_uri"] and s["version"] != s1["version"] and s["variant_key"] != s1["variant_key"]
+    client = get_client(None, runner.workdir)
+    mv = client.get_model_version("tiny-llama-dlp", s["version"])
+    assert mv.tags["dlp.recovered"] == "true" and mv.tags["dlp.recovery.rank"] == "2"
+    assert mv.tags["dlp.recovery.target_modules"] == "q_proj,v_proj" and mv.tags["dlp.artifact_uri"] == s["checkpoint_uri"]
+    assert "dlp.recovered" not in client.get_model_version("tiny-llama-dlp", s1["version"]).tags
+    m = client.get_run(mv.run_id).data.metrics
+    assert m["recovery.sparsity_after"] == m["recovery.sparsity_before"] == m["sparsity.achieved"]
+    assert m["recovery.exact"] == 1.0 and m["recovery.ppl_before"] == rec["ppl_before"]
+    assert m["recovery.ppl_after"] == m["ppl.pruned"] == rec["ppl_after"] and m["time.recover_s"] > 0
+    assert [h.step for h in client.get_metric_history(mv.run_id, "recovery.loss")] == [1, 2, 3, 4]
+    artifacts = {a.path for a in client.list_artifacts(mv.run_id, "recovery")}
+    assert {"recovery/loss.png", "recovery/report.json"} <= artifacts
+
+
+def test_recovery_rerun_is_served_from_the_store_and_listed_beside_the_others(recovered, env):
+    from pipeline.variants import format_table, load_variants
+
+    runner, s1, first, _, _ = recovered
+    again = runner.run(env, recovery=RECOVERY)
+    assert again["stages"]["recover"]["state"] == "Cached" and runner.computed() == set()
+    assert again["version"] == first["version"] and again["recovery"] == first["recovery"]
+    variants = {str(v.version): v for v in load_variants("tiny-llama-dlp", workdir=runner.workdir)}
+    assert variants[first["version"]].recovered and not variants[s1["version"]].recovered
+    table = format_table(list(variants.values()))
+    assert table.splitlines()[0].rstrip().endswith("recovered") and "lora r2 (ppl" in table

@@ -13,7 +13,6 @@ or any SparseGPT) or the statistics key when oneshot Wanda takes its input norms
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,8 +23,8 @@ from pipeline.cache import (
     content_key,
     hook,
     run_cached,
-    seed_materialized,
     stage_logger,
+    store_checkpoint,
 )
 from dlp.recipe import needs
 from pipeline.results import CalibrationResult, FetchResult, PruneResult, RatesResult, StatisticsResult
@@ -63,12 +62,7 @@ def run_prune(store: StoreSpec | Mapping[str, Any], model: FetchResult, calib: C
         out = spec.scratch / "tmp" / f"checkpoint-{key[:16]}"
         report = _finished_report(out) or _streamed_prune(spec, key, out, model, calib, stats, rates, params)
         hook("prune", "save")
-        put = st.put_dir(out, artifact_key)
-        listing = st.dir_listing(artifact_key)
-        weights_sha = {rel: meta["sha256"] for rel, meta in (listing.files.items() if listing else [])
-                       if rel.endswith(".safetensors")}
-        seed_materialized(spec, put, out)
-        shutil.rmtree(out, ignore_errors=True)
+        put, weights_sha = store_checkpoint(spec, st, out, artifact_key)
         return put, {"achieved_sparsity": report["achieved_sparsity"],
                      "achieved_per_block": [float(a) for a in report["achieved_per_block"]],
                      "target_per_block": [float(r) for r in rates.ratios], "method": params["method"],

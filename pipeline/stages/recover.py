@@ -26,8 +26,8 @@ from pipeline.cache import (
     json_put,
     materialize,
     run_cached,
-    seed_materialized,
     stage_logger,
+    store_checkpoint,
     text_fingerprint,
 )
 from pipeline.results import FetchResult, PruneResult, RecoverResult
@@ -143,12 +143,7 @@ def run_recover(store: StoreSpec | Mapping[str, Any], model: FetchResult, prune:
         saver = StoreSaver(spec, key)
         report = _train(spec, key, prune, params, out, saver)
         hook("recover", "save")
-        put = st.put_dir(out, artifact_key)
-        listing = st.dir_listing(artifact_key)
-        weights_sha = {rel: meta["sha256"] for rel, meta in (listing.files.items() if listing else [])
-                       if rel.endswith(".safetensors")}
-        seed_materialized(spec, put, out)
-        shutil.rmtree(out, ignore_errors=True)
+        put, weights_sha = store_checkpoint(spec, st, out, artifact_key)
         saver.clear()
         return put, _figures(report, weights_sha, time.perf_counter() - t0)
 
