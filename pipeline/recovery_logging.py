@@ -2,7 +2,8 @@
 
 - tags (run and version): ``dlp.recovered=true`` and each recovery setting as ``dlp.recovery.<name>``;
 - metrics: ``recovery.ppl_before`` / ``ppl_after`` / ``ppl_reduction`` (fraction), ``recovery.sparsity_before``
-  / ``sparsity_after`` / ``exact``, ``recovery.steps``, ``recovery.train_s``, ``time.recover_s``; the loss curve
+  / ``sparsity_after`` / ``exact``, ``recovery.steps``, ``recovery.train_s`` (``time.recover_s`` comes with the
+  other stages' times); the loss curve
   as the stepped metric ``recovery.loss`` (one value per optimizer step);
 - artifacts: ``recovery/loss.png`` (the curve) and ``recovery/report.json`` (settings, data, curve, sparsity).
 """
@@ -40,8 +41,6 @@ def recovery_metrics(recover: RecoverResult, before: EvaluationResult | None,
         "recovery.steps": float(recover.steps),
         "recovery.train_s": float(recover.train_seconds),
     }
-    if recover.recorded_seconds is not None:
-        m["time.recover_s"] = float(recover.recorded_seconds)
     if before is not None and before.ppl is not None:
         m["recovery.ppl_before"] = float(before.ppl)
     if after.ppl is not None:

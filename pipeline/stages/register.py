@@ -9,7 +9,9 @@ Logged: params (the full resolved job), metrics (dense and pruned perplexity, ac
 per block, per-stage compute seconds, zero-shot accuracies with their delta to the dense model), artifacts
 (per-block sparsity JSON + PNG via log_variant_run; ``config/job.yaml``, ``pipeline/manifests.json`` and
 ``evaluation/zero_shot.json`` as documents; the alpha search's curve), the pruned checkpoint (transformers
-flavor) registered as a new version with lineage tags and the alias moved to it.
+flavor) registered as a new version with lineage tags and the alias moved to it. A recovered variant registers
+the recovered checkpoint instead, with what :mod:`pipeline.recovery_logging` adds (tag ``dlp.recovered=true``,
+its settings, perplexity and sparsity before / after, the loss curve); its variant key includes the recover key.
 """
 
 from __future__ import annotations
