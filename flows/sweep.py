@@ -21,7 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.compress import prepare
 from pipeline.cache import content_key, stage_logger
-from pipeline.jobconfig import JobError, resolve_job
+from pipeline.jobconfig import resolve_job
 from pipeline.stage_inputs import expand_variants, prune_params, rates_inputs
 from pipeline.summary import stage_record, summarize
 from pipeline.sweep_report import format_table, sweep_row
@@ -82,9 +82,6 @@ def sweep(job: dict | None = None, job_file: str | None = None, overrides: dict 
     "table": str, "rows": [...], "stages": {shared stages}, "sweep_run_id", "dense_ppl"}``."""
     t0 = time.perf_counter()
     base = resolve_job(job, job_file, overrides)
-    if base.recovery is not None:
-        raise JobError("sweep: the job has a recovery: block, which dlp sweep does not run; remove it, or run "
-                       "dlp compress for the variant to recover")
     variants = expand_variants(base, methods, allocations, sparsities, alphas)  # bad axes fail before any stage
     logger = stage_logger("sweep")
     logger.info("sweep: %d variants of %s: %s", len(variants), base.model.source, ", ".join(v.variant_name() for v in variants))

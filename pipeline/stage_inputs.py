@@ -67,9 +67,13 @@ def prune_params(cfg) -> dict[str, Any]:
 def expand_variants(base, methods: Sequence[str] | None = None, allocations: Sequence[str] | None = None,
                     sparsities: Sequence[float] | None = None, alphas: Sequence[float | str] | None = None) -> list:
     """Job configs of every (method, allocation, sparsity, alpha) combination; alpha only varies the DLP
-    allocation (duplicates dropped). Invalid values raise JobError (validated on assignment)."""
+    allocation (duplicates dropped). Invalid values raise JobError (validated on assignment), and so does a
+    ``recovery:`` block, which a sweep does not run (its variants would be named recovered)."""
     from pipeline.jobconfig import JobError
 
+    if base.recovery is not None:
+        raise JobError("sweep: the job has a recovery: block, which dlp sweep does not run; remove it, or run "
+                       "dlp compress for the variant to recover")
     methods = list(methods or [base.pruning.method])
     allocations = list(allocations or [base.pruning.allocation])
     sparsities = [float(s) for s in (sparsities or [base.pruning.sparsity])]

@@ -53,3 +53,9 @@ def test_bad_recovery_input_is_one_line_exit_2_before_training(cli, tiny_model, 
     code, out, err, secs = cli("compress", "--config", str(job))
     assert code == 2 and out == "" and needle in _one_error_line(err) and secs < 15
     assert not trace.exists()  # no stage ran
+
+
+def test_sweep_refuses_a_recovery_block_in_one_line(cli, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code, out, err, secs = cli("sweep", "--set", "recovery.steps=4", "--workdir", str(tmp_path / "w"))
+    assert code == 2 and out == "" and "dlp sweep does not run" in _one_error_line(err) and secs < 15
