@@ -77,7 +77,8 @@ RECOVERY_BATCH = Range("recovery batch", 1, None, why="training windows per opti
 SAVE_EVERY = Range("save-every", 1, None, why="optimizer steps between saved training states")
 MERGE_MODES = ("masked", "none", "plain")  # masked keeps every zero; none keeps the adapter; plain densifies
 
-#: CPU defaults: minutes on a 2-core CPU for the bundled SmolLM2-135M (measured: docs/RESULTS.md, "Recovery")
+#: CPU defaults, chosen to run in minutes on a 2-core CPU for the bundled SmolLM2-135M (not yet measured:
+#: benchmarks/bench_recovery.py prints the figures)
 DEFAULT_RECOVERY_STEPS = 60
 DEFAULT_RECOVERY_LR = 1e-3
 DEFAULT_LORA_RANK = 8
