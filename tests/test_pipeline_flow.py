@@ -353,6 +353,8 @@ def test_recovery_resumes_from_the_stored_state_and_registers_exact_sparsity(rec
 
 
 def test_recovery_rerun_is_served_from_the_store_and_listed_beside_the_others(recovered, env):
+    from cli.pipeline_commands import format_summary
+    from pipeline.report import render_html
     from pipeline.variants import format_table, load_variants
 
     runner, s1, first, _, _ = recovered
@@ -363,3 +365,5 @@ def test_recovery_rerun_is_served_from_the_store_and_listed_beside_the_others(re
     assert variants[first["version"]].recovered and not variants[s1["version"]].recovered
     table = format_table(list(variants.values()))
     assert table.splitlines()[0].rstrip().endswith("recovered") and "lora r2 (ppl" in table
+    assert "lora r2 (ppl" in render_html("tiny-llama-dlp", list(variants.values()))
+    assert "recovery (LoRA)" in format_summary(again) and "(exact)" in format_summary(again)
