@@ -386,19 +386,6 @@ def seed_materialized(spec: StoreSpec | Mapping[str, Any], put: PutResult, local
     (target_root / ".complete").write_text(put.sha256)
 
 
-def store_checkpoint(spec: StoreSpec | Mapping[str, Any], store: ArtifactStore, local: Path,
-                     artifact_key: str) -> tuple[PutResult, dict[str, str]]:
-    """Upload a checkpoint folder, keep it as the verified local copy (then ``local`` is gone) and return the
-    put and the sha256 of each of its ``.safetensors`` files (a stage's ``weights_sha256`` figure)."""
-    put = store.put_dir(local, artifact_key)
-    listing = store.dir_listing(artifact_key)
-    weights_sha = {rel: meta["sha256"] for rel, meta in (listing.files.items() if listing else [])
-                   if rel.endswith(".safetensors")}
-    seed_materialized(spec, put, local)
-    shutil.rmtree(local, ignore_errors=True)
-    return put, weights_sha
-
-
 def json_put(store: ArtifactStore, key: str, data: Any) -> PutResult:
     """Write deterministic JSON (sorted keys) as a file artifact."""
     return store.write_bytes(key, (json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n").encode())

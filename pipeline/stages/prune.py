@@ -13,6 +13,7 @@ or any SparseGPT) or the statistics key when oneshot Wanda takes its input norms
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,12 +24,13 @@ from pipeline.cache import (
     content_key,
     hook,
     run_cached,
+    seed_materialized,
     stage_logger,
-    store_checkpoint,
 )
 from dlp.recipe import needs
 from pipeline.results import CalibrationResult, FetchResult, PruneResult, RatesResult, StatisticsResult
 from pipeline.stages.statistics import load_statistics, load_windows
+from pipeline.store import ArtifactStore, PutResult
 
 
 
@@ -71,6 +73,19 @@ def run_prune(store: StoreSpec | Mapping[str, Any], model: FetchResult, calib: C
                      "compute_seconds": round(time.perf_counter() - t0, 3), "weights_sha256": weights_sha}
 
     return run_cached(spec, "prune", key, artifact_key, compute).typed(PruneResult)
+
+
+def store_checkpoint(spec: StoreSpec | Mapping[str, Any], store: ArtifactStore, local: Path,
+                     artifact_key: str) -> tuple[PutResult, dict[str, str]]:
+    """Upload a checkpoint folder, keep it as the verified local copy (then ``local`` is gone) and return the
+    put and the sha256 of each of its ``.safetensors`` files (a stage's ``weights_sha256`` figure)."""
+    put = store.put_dir(local, artifact_key)
+    listing = store.dir_listing(artifact_key)
+    weights_sha = {rel: meta["sha256"] for rel, meta in (listing.files.items() if listing else [])
+                   if rel.endswith(".safetensors")}
+    seed_materialized(spec, put, local)
+    shutil.rmtree(local, ignore_errors=True)
+    return put, weights_sha
 
 
 def _finished_report(out: Path) -> dict | None:

@@ -27,10 +27,10 @@ from pipeline.cache import (
     materialize,
     run_cached,
     stage_logger,
-    store_checkpoint,
     text_fingerprint,
 )
 from pipeline.results import FetchResult, PruneResult, RecoverResult
+from pipeline.stages.prune import store_checkpoint
 from pipeline.store import ArtifactMissing, hash_dir
 
 __all__ = ["StoreSaver", "check_recovery", "recover_key", "recovery_params", "run_recover"]
