@@ -39,8 +39,10 @@ from tasks.statistics import calibration_task, statistics_task
 log = logging.getLogger("dlp.pipeline")
 
 STAGES = ("fetch", "calibration", "statistics", "rates", "prune", "baseline", "evaluate", "register")
+#: the stages a job with a ``recovery:`` block adds (the pruned model's evaluation, then the LoRA recovery)
+RECOVERY_STAGES = ("evaluate_pruned", "recover")
 
-__all__ = ["STAGES", "call_stage", "compress", "prepare"]
+__all__ = ["RECOVERY_STAGES", "STAGES", "call_stage", "compress", "prepare"]
 
 
 def call_stage(task_obj, stages: dict[str, Any], stage: str, **kwargs: Any) -> Any:

@@ -37,7 +37,7 @@ __all__ = ["StoreSaver", "check_recovery", "recover_key", "recovery_params", "ru
 
 
 # ============================================================================================ inputs
-def recovery_params(cfg) -> dict[str, Any]:
+def recovery_params(cfg) -> dict[str, Any] | None:
     """What the recover stage is given from the job (plain JSON values); None without a ``recovery:`` block."""
     if cfg.recovery is None:
         return None
