@@ -326,9 +326,11 @@ def _store_keys(runner: Runner, prefix: str) -> list[str]:
 
 
 def test_recovery_resumes_from_the_stored_state_and_registers_exact_sparsity(recovered):
+    from flows.compress import RECOVERY_STAGES
     from pipeline.registry import get_client
 
     runner, s1, s, computed, trace = recovered
+    assert set(s["stages"]) == ALL | set(RECOVERY_STAGES)
     assert computed == {"recover", "evaluate", "register"}  # the pruned model's evaluation is the base run's
     assert trace.count("recover:state_saved") == 1  # resumed at step 2: only the state of step 4 is saved
     assert s["stages"]["recover"]["state"] == "Completed" and s["stages"]["evaluate_pruned"]["state"] == "Cached"
