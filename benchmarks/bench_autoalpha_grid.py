@@ -44,7 +44,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from dlp import allocation, data  # noqa: E402
 from dlp.errors import DLPError  # noqa: E402
-from dlp.autoalpha.proxy import DenseWeights, heldout_windows, window_losses  # noqa: E402
+from dlp.autoalpha.choose import default_heldout_count  # noqa: E402
+from dlp.autoalpha.proxy import DenseWeights, Score, heldout_windows, window_losses  # noqa: E402
 from dlp.models import load_model  # noqa: E402
 from dlp.perplexity import perplexity  # noqa: E402
 from dlp.pruning import prune  # noqa: E402
@@ -85,6 +86,58 @@ class JsonFileCache(dict):
         write_json(self.path, dict(self))
 
 
+class GridCandidates(JsonFileCache):
+    """The searches' candidate cache inside the grid. A candidate pruned by the final scorer (the pruner,
+    sequential, all calibration windows) is the very model the grid evaluates at those rates, so such a
+    candidate is served from the grid's evaluation when there is one (its first held-out losses: the
+    search's default held-out windows are the first of the grid's), and one the search scores is evaluated
+    by the grid right away, while the model is still pruned with it. ``hook_s``: time spent in those
+    evaluations (not the search's). A served candidate counts with the seconds it would have cost."""
+
+    def __init__(self, path: Path, grid: "Grid", cell: tuple, heldout: int):
+        super().__init__(path)
+        self.grid, self.cell, self.heldout, self.hook_s = grid, cell, heldout, 0.0
+        pruner, _, calib, _ = cell
+        self.final = f"{pruner}-sequential-{grid.args.nsamples}w" if pruner != "magnitude" else "magnitude"
+
+    def _ratios(self, key: str) -> list[float] | None:
+        tag, stat, alpha = key.split(":")
+        if tag != self.final:
+            return None
+        stats = self.grid.calibration(self.cell[2])[2]
+        return fixed_ratios(stats, self.cell[3], float(alpha), "median" if stat == "uniform" else stat)
+
+    def _evaluated(self, key: str) -> dict | None:
+        ratios = self._ratios(key)
+        pruner, _, calib, sparsity = self.cell
+        return None if ratios is None else read_json(eval_path(self.grid.root, pruner, calib, sparsity, ratios))
+
+    def __contains__(self, key) -> bool:
+        return dict.__contains__(self, key) or self._evaluated(key) is not None
+
+    def __getitem__(self, key):
+        if dict.__contains__(self, key):
+            return dict.__getitem__(self, key)
+        ev = self._evaluated(key)
+        if ev is None:
+            raise KeyError(key)
+        n = self.heldout
+        held_s = ev.get("heldout_s", ev["eval_s"] / 8) * n / len(ev["heldout_losses"])
+        return Score.of(ev["heldout_losses"][:n], ev["prune_s"] + held_s).to_json()
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        ratios = self._ratios(key)
+        if ratios is None or "sequential" not in key or self._evaluated(key) is not None:
+            return
+        t = time.perf_counter()
+        pruner, _, calib, sparsity = self.cell
+        held = self.grid.calibration(calib)[4]
+        body = self.grid.score_pruned(ratios, held, value["seconds"], float("nan"))  # prune_s: with its proxy
+        write_json(eval_path(self.grid.root, pruner, calib, sparsity, ratios), body)
+        self.hook_s += time.perf_counter() - t
+
+
 class Grid:
     """The model, the evaluation tokens and every calibration's windows and statistics, cached on disk."""
 
@@ -105,6 +158,9 @@ class Grid:
             text = data.load_text(name)
             windows = data.calibration_windows(self.tok, text, a.nsamples, a.seqlen, a.seed)
             held = heldout_windows(self.tok, text, a.nsamples, a.seqlen, a.seed, a.heldout)
+            default = heldout_windows(self.tok, text, a.nsamples, a.seqlen, a.seed, default_heldout_count(a.seqlen))
+            if not torch.equal(default, held[: default.shape[0]]):
+                raise SystemExit(f"{name}: the search's held-out windows are not the first of the grid's")
             path, meta = self.root / "stats" / f"{name}.safetensors", self.root / "stats" / f"{name}.json"
             if not meta.exists():
                 self.dense.restore()
@@ -128,18 +184,25 @@ class Grid:
         _, windows, _, _, held = self.calibration(calib)
         self.dense.restore()
         report = prune(self.net, ratios, method=pruner, mode="sequential", windows=windows)
-        t = time.perf_counter()
-        ppl = perplexity(self.net, self.test_ids, self.args.eval_seqlen, max_windows=self.args.eval_windows)["ppl"]
-        eval_s = time.perf_counter() - t
-        losses = window_losses(self.net, held)
+        body = self.score_pruned(ratios, held, report.seconds, report.overall)
         self.dense.restore()
-        body = {"ppl": ppl, "prune_s": report.seconds, "eval_s": eval_s, "achieved": report.overall,
-                "ratios": ratios, "heldout_losses": losses}
         write_json(path, body)
         return body
 
+    def score_pruned(self, ratios: list[float], held, prune_s: float, achieved: float) -> dict:
+        """The model as pruned now: WikiText-2 perplexity, then the held-out windows' losses (timed apart)."""
+        t = time.perf_counter()
+        ppl = perplexity(self.net, self.test_ids, self.args.eval_seqlen, max_windows=self.args.eval_windows)["ppl"]
+        eval_s = time.perf_counter() - t
+        t = time.perf_counter()
+        losses = window_losses(self.net, held)
+        return {"ppl": ppl, "prune_s": prune_s, "eval_s": eval_s, "heldout_s": time.perf_counter() - t,
+                "achieved": achieved, "ratios": ratios, "heldout_losses": losses}
+
     def auto(self, pruner: str, stat: str, calib: str, sparsity: float) -> dict:
-        """The library's default auto search (cached per search version), then its allocation evaluated."""
+        """The library's default auto search (cached per search version); its candidates shared with the
+        grid's evaluations (:class:`GridCandidates`). ``search_s``: the search's own wall time, plus what the
+        candidates served from a cache had cost when they were scored: the search's cost from cold."""
         from dlp.autoalpha import choose_alpha_from_text
 
         path = auto_path(self.root, pruner, stat, calib, sparsity)
@@ -147,14 +210,17 @@ class Grid:
         if found is None:
             a = self.args
             text, windows, stats = self.calibration(calib)[:3]
-            cache = JsonFileCache(self.root / "candidates" / f"{calib}-p{sparsity:g}.json")
+            heldout = default_heldout_count(a.seqlen)
+            cache = GridCandidates(self.root / "candidates" / f"{calib}-p{sparsity:g}.json", self,
+                                   (pruner, stat, calib, sparsity), heldout)
             self.dense.restore()
             t = time.perf_counter()
             result = choose_alpha_from_text(self.net, self.tok, stats, windows, text, nsamples=a.nsamples,
                                             seqlen=a.seqlen, seed=a.seed, method=pruner, mode="sequential",
                                             sparsity=sparsity, statistic=stat, cache=cache)
-            found = {"search_s": time.perf_counter() - t, "alpha": result.alpha, "statistic": result.statistic,
-                     "ratios": result.ratios, "search": finite(result.to_json())}
+            wall = time.perf_counter() - t - cache.hook_s
+            found = {"search_s": wall + result.cost["cached_s"], "search_wall_s": wall, "alpha": result.alpha,
+                     "statistic": result.statistic, "ratios": result.ratios, "search": finite(result.to_json())}
             write_json(path, found)
         return found
 

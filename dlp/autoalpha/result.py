@@ -51,6 +51,17 @@ class AlphaSearch:
         path.write_text(json.dumps(self.to_json(), indent=1))
         return path, self.plot(folder / "alpha_search.png")
 
+    def _title(self) -> str:
+        s, d = self.settings, self.decision
+        line = (f"{s.get('method')} {s.get('mode', '')} {s.get('pattern')} p={s.get('sparsity')}: "
+                f"{self.cost['evaluations']} evaluations ({self.cost.get('cached', 0)} cached), "
+                f"{self.cost['seconds']:.0f}s")
+        if d and d.get("best") != d.get("baseline") and d.get("gain") is not None and d.get("lower") is not None:
+            verdict = "kept the baseline" if d["kept_baseline"] else "took it"
+            line += (f"\nbest α={d['best'][0]:.4f} ({d['best'][1]}): gain {d['gain']:+.4f} nats/token, "
+                     f"lower {d['level']:.0%} bound {d['lower']:+.4f}: {verdict}")
+        return line
+
     def plot(self, path: str | Path) -> Path:
         import matplotlib
 
@@ -70,9 +81,7 @@ class AlphaSearch:
         ax.set_xlabel("α")
         ax.set_ylabel("held-out perplexity (proxy)")
         ax.set_yscale("log")
-        s = self.settings
-        ax.set_title(f"{s.get('method')} {s.get('pattern')} p={s.get('sparsity')}: "
-                     f"{self.cost['evaluations']} proxy evaluations, {self.cost['seconds']:.0f}s", fontsize=9)
+        ax.set_title(self._title(), fontsize=8)
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
