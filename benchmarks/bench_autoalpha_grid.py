@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -50,6 +49,7 @@ from dlp.models import load_model  # noqa: E402
 from dlp.perplexity import perplexity  # noqa: E402
 from dlp.pruning import prune  # noqa: E402
 from dlp.statistics import BlockStatistics, collect_statistics  # noqa: E402
+from pipeline.stages.rates import finite_json  # noqa: E402  (strict JSON: inf/NaN -> null)
 
 PRUNERS = ["magnitude", "wanda", "sparsegpt"]
 STATISTICS = ["mean", "median"]
@@ -220,7 +220,7 @@ class Grid:
                                             sparsity=sparsity, statistic=stat, cache=cache)
             wall = time.perf_counter() - t - cache.hook_s
             found = {"search_s": wall + result.cost["cached_s"], "search_wall_s": wall, "alpha": result.alpha,
-                     "statistic": result.statistic, "ratios": result.ratios, "search": finite(result.to_json())}
+                     "statistic": result.statistic, "ratios": result.ratios, "search": finite_json(result.to_json())}
             write_json(path, found)
         return found
 
@@ -237,16 +237,6 @@ def auto_path(root: Path, pruner: str, stat: str, calib: str, sparsity: float) -
     from dlp.autoalpha import SEARCH_VERSION
 
     return root / "auto" / SEARCH_VERSION / f"{pruner}-{calib}-{stat}-p{sparsity:g}.json"
-
-
-def finite(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
 
 
 def fixed_ratios(stats: BlockStatistics, sparsity: float, alpha: float, stat: str) -> list[float] | None:
