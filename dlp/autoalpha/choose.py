@@ -12,6 +12,14 @@
 
 With a fixed ``alpha`` and ``statistic="auto"`` only the statistic is chosen: both are confirmed and the
 median (the paper's) stays unless the mean beats it beyond the noise.
+
+Cost, against one fixed-alpha run (statistics ``S`` + one prune ``P``): the statistics are shared; the screen
+costs ``budget`` cheap prunes (no forward) and proxy forwards ``E`` over the held-out tokens; the confirm
+stage at most ``confirm`` prunes ``P`` (one when the screen's best is uniform; none for magnitude and Wanda
+one-shot) and forwards ``E``; the run then prunes once more. Defaults (budget 6, confirm 2, 4096 held-out
+tokens, 32 x 512 calibration): ``S + 3P + 8E`` against ``S + P``, i.e. at most 3x while the eight proxy
+forwards (32768 tokens) cost no more than two statistics passes (2 x 16384 tokens); ``cost`` in the result
+counts the evaluations, block passes and seconds so the bound can be checked on each run.
 """
 from __future__ import annotations
 
