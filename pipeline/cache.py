@@ -54,7 +54,9 @@ STAGE_VERSIONS: dict[str, int] = {
     "calibration": 1,
     "statistics": 1,
     "rates": 1,
-    "alpha-candidates": 1,  # one proxy value of the alpha search (pipeline.stages.rates.StoredCandidates)
+    # one candidate of the alpha search (pipeline.stages.rates.StoredCandidates); 2: keyed by the scorer (pruner,
+    # mode, windows), per-window held-out losses kept
+    "alpha-candidates": 2,
     "prune": 1,
     "recover": 1,
     "perplexity": 1,

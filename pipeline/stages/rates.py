@@ -77,17 +77,19 @@ def rates_key(stats: StatisticsResult, alloc: Mapping[str, Any], calib: Calibrat
     if params["allocation"] == "uniform":  # needs nothing from the statistics but the block count
         return content_key("rates", blocks=stats.num_blocks, **params)
     if is_auto(alloc):
+        from dlp.autoalpha.choose import SEARCH_VERSION
+
         if calib is None or search is None:
             raise ValueError("alpha/statistic 'auto' needs the calibration manifest and the search settings")
         return content_key("rates", statistics=stats.key, calibration=calib.key, search=search_params(search),
-                           **params)
+                           rule=SEARCH_VERSION, **params)
     return content_key("rates", statistics=stats.key, **params)
 
 
 class StoredCandidates(MutableMapping):
     """The search's per-candidate cache: one small JSON object per candidate in the artifact store (written
-    atomically, so a killed search keeps every candidate it finished). +inf (a candidate the pruner
-    rejected) is stored as null."""
+    atomically, so a killed search keeps every candidate it finished): the candidate's key and its
+    :meth:`dlp.autoalpha.Score.to_json` (proxy, per-window held-out losses, seconds)."""
 
     def __init__(self, store, prefix: str):
         self.store, self.prefix = store, prefix.rstrip("/")
@@ -99,17 +101,16 @@ class StoredCandidates(MutableMapping):
     def __contains__(self, candidate: object) -> bool:
         return isinstance(candidate, str) and self.store.exists(self._key(candidate))
 
-    def __getitem__(self, candidate: str) -> float:
+    def __getitem__(self, candidate: str) -> dict:
         try:
             body = json.loads(self.store.read_bytes(self._key(candidate)))
         except (FileNotFoundError, ValueError) as e:
             raise KeyError(candidate) from e
         self.hits += 1
-        return math.inf if body.get("proxy") is None else float(body["proxy"])
+        return {k: v for k, v in body.items() if k != "candidate"}
 
-    def __setitem__(self, candidate: str, value: float) -> None:
-        proxy = float(value) if math.isfinite(value) else None
-        self.store.write_bytes(self._key(candidate), json.dumps({"candidate": candidate, "proxy": proxy}).encode())
+    def __setitem__(self, candidate: str, value: Mapping[str, Any]) -> None:
+        self.store.write_bytes(self._key(candidate), json.dumps({"candidate": candidate, **finite_json(value)}).encode())
         hook("alpha-candidate", "computed")
 
     def __delitem__(self, candidate: str) -> None:
@@ -123,14 +124,14 @@ class StoredCandidates(MutableMapping):
         return len(self.store.list_keys(self.prefix + "/"))
 
 
-def _finite(obj: Any) -> Any:
+def finite_json(obj: Any) -> Any:
     """JSON-safe: +-inf / NaN -> None (rates.json is strict JSON)."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, Mapping):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite_json(v) for v in obj]
     return obj
 
 
@@ -165,14 +166,15 @@ def choose_rates(spec: StoreSpec, st, model: FetchResult, calib: CalibrationResu
     del net
     with tempfile.TemporaryDirectory(prefix="dlp-alpha-") as tmp:
         json_path, png_path = result.save(Path(tmp))
-        body = _finite(json.loads(json_path.read_text()))
+        body = finite_json(json.loads(json_path.read_text()))
         curve_put = json_put(st, f"{folder}/alpha_search.json", body)
         plot_put = st.put_file(png_path, f"{folder}/alpha_search.png")
     summary = {
-        "alpha": result.alpha, "statistic": result.statistic, "proxy": _finite(result.proxy),
-        "uniform_proxy": _finite(result.uniform_proxy), "cost": result.cost, "evaluations": result.cost["evaluations"],
+        "alpha": result.alpha, "statistic": result.statistic, "proxy": finite_json(result.proxy),
+        "uniform_proxy": finite_json(result.uniform_proxy), "cost": result.cost, "evaluations": result.cost["evaluations"],
         "cached_candidates": cache.hits, "points": len(result.curve), "alpha_max": result.alpha_max,
-        "screen_pruner": result.settings.get("screen_pruner"),
+        "screen_pruner": result.settings.get("screen_pruner"), "final_pruner": result.settings.get("final_pruner"),
+        "decision": finite_json(result.decision), "confirm": result.settings.get("confirm"),
         "heldout_windows": result.settings["heldout"]["windows"],
         "curve_key": f"{folder}/alpha_search.json", "plot_key": f"{folder}/alpha_search.png",
         "curve_uri": curve_put.uri, "curve_sha256": curve_put.sha256, "plot_uri": plot_put.uri,
@@ -226,7 +228,7 @@ def compute_rates(store: StoreSpec | Mapping[str, Any], model: FetchResult, stat
                    "block_statistic": [float(v) for v in bs.statistic(statistic_name)]}
         if chosen:
             figures["alpha_search"] = chosen
-        put = json_put(st, artifact_key, {**_finite(result.to_json()), **figures})
+        put = json_put(st, artifact_key, {**finite_json(result.to_json()), **figures})
         logger.info("rates: %s p=%.3g -> blocks %.3f..%.3f", params["allocation"], params["sparsity"],
                     min(result.ratios), max(result.ratios))
         return put, {**figures, "compute_seconds": round(time.perf_counter() - t0, 3)}

@@ -1,11 +1,15 @@
-"""The pure search of automatic alpha (:mod:`dlp.autoalpha`): the largest alpha that keeps every block's rate
-inside ``[margin, 1 - margin]``, and a coarse grid from 0 followed by bisection around the best point, with
-the tie-break toward the smallest alpha within ``rtol`` of the best score. No model, no torch."""
+"""The alpha search's one-dimensional minimiser and the range it searches (pure functions, no model).
+
+:func:`alpha_max` bounds alpha so that every block's rate ``R_l = p + 2 alpha (u_l - mean u)`` stays in
+``[margin, 1 - margin]``; :func:`search` minimises a function of alpha on that range with a fixed number of
+evaluations: a coarse grid from the lower end, then bisection around the best point.
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from typing import Callable
+
 
 def alpha_max(values: list[float], p: float, margin: float = 0.0) -> float:
     """Largest alpha keeping every ``R_l = p + 2 alpha (u_l - mean u)`` in ``[margin, 1 - margin]``
@@ -34,6 +38,22 @@ def _choose(points: dict[float, float], rtol: float) -> float:
         return min(points)
     ymin = min(finite)
     return min(x for x, y in points.items() if y <= ymin + rtol * abs(ymin))
+
+
+def _bisection_point(seen: dict[float, float], lo: float, hi: float, xtol: float) -> float | None:
+    """The midpoint of the wider gap beside the best point (``hi`` closes the last gap as an unevaluated
+    neighbour that wins ties); None when both gaps are below ``xtol``."""
+    xs = sorted(seen)
+    b = xs.index(min(xs, key=lambda x: (seen[x], x)))
+    gaps = []  # (width, neighbour's value, midpoint)
+    if b > 0:
+        gaps.append((xs[b] - xs[b - 1], seen[xs[b - 1]], (xs[b] + xs[b - 1]) / 2))
+    right = xs[b + 1] if b + 1 < len(xs) else hi
+    gaps.append((right - xs[b], seen.get(right, -math.inf), (xs[b] + right) / 2))  # unexplored end wins ties
+    gaps = [g for g in gaps if g[0] > xtol]
+    if not gaps:
+        return None
+    return min(gaps, key=lambda g: (-round(g[0] / (hi - lo), 9), g[1]))[2]  # equal widths up to rounding
 
 
 def search(f: Callable[[float], float], lo: float, hi: float, *, budget: int = 6, coarse: int = 3,
@@ -72,17 +92,9 @@ def search(f: Callable[[float], float], lo: float, hi: float, *, budget: int = 6
         if x not in seen:
             record(x, f(x))
     while len(seen) < budget:
-        xs = sorted(seen)
-        b = xs.index(min(xs, key=lambda x: (seen[x], x)))
-        gaps = []  # (width, neighbour's value, midpoint)
-        if b > 0:
-            gaps.append((xs[b] - xs[b - 1], seen[xs[b - 1]], (xs[b] + xs[b - 1]) / 2))
-        right = xs[b + 1] if b + 1 < len(xs) else hi
-        gaps.append((right - xs[b], seen.get(right, -math.inf), (xs[b] + right) / 2))  # unexplored end wins ties
-        gaps = [g for g in gaps if g[0] > xtol]
-        if not gaps:
+        x = _bisection_point(seen, lo, hi, xtol)
+        if x is None:
             break
-        x = min(gaps, key=lambda g: (-round(g[0] / (hi - lo), 9), g[1]))[2]  # equal widths up to rounding
         record(x, f(x))
     best = _choose(seen, rtol)
     return SearchResult(best, seen[best], order)
