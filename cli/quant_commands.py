@@ -33,6 +33,7 @@ def quantize_cmd(
     bits: int = typer.Option(4, "--bits", help="4 (W4A16) or 8 (W8A16)"),
     group_size: int = typer.Option(128, "--group-size", help="inputs per scale; must divide every linear's in_features"),
     method: str = typer.Option("gptq", "--method", help="gptq (calibrated, zeros kept) | rtn (round-to-nearest, no data)"),
+    compensation: str = typer.Option("exact", "--compensation", help="GPTQ: exact (per-row, survivors only) | shared (SparseGPT's rule, faster on large models)"),
     export_dtype: str = typer.Option("bfloat16", "--export-dtype", help="dtype of the scales and unquantized tensors (bfloat16 | float16 | float32)"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="load the checkpoint back and measure its sparsity"),
     revision: Optional[str] = RevisionOpt, dtype: str = DtypeOpt, device: str = DeviceOpt,
@@ -43,11 +44,13 @@ def quantize_cmd(
     """Quantize a (pruned) model's linears to 4 or 8 bits keeping every zero; write a W4A16 / W8A16 checkpoint."""
     from dlp import data, export, models
     from dlp.pruning import measured_sparsity
-    from dlp.quantize import METHODS, QuantSpec, check_folder, quantize
+    from dlp.quantize import COMPENSATIONS, METHODS, QuantSpec, check_folder, quantize
 
     _set_data_dir(data_dir)
     if method not in METHODS:
         raise DLPError(f"unknown quantization method '{method}'; use one of: {', '.join(METHODS)}")
+    if compensation not in COMPENSATIONS:
+        raise DLPError(f"unknown --compensation '{compensation}'; use one of: {', '.join(COMPENSATIONS)}")
     if export_dtype not in models.DTYPES:
         raise DLPError(f"unknown --export-dtype '{export_dtype}'; use one of: {', '.join(models.DTYPES)}")
     if method == "gptq" and (nsamples <= 0 or seqlen <= 1):
@@ -65,7 +68,7 @@ def quantize_cmd(
     before = measured_sparsity(net)
     t = time.perf_counter()
     result = quantize(net, bits=bits, group_size=group_size, method=method, windows=windows, device=device,
-                      batch_size=batch_size, scale_dtype=scale_dtype)
+                      batch_size=batch_size, compensation=compensation, scale_dtype=scale_dtype)
     _log(f"quantized {result.to_json()['quantized_linears']} linears with {method} in {time.perf_counter() - t:.1f}s", as_json)
     calib = {"source": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed} if windows is not None else None
     info = export.export_compressed(net, tok, result, out, dtype=scale_dtype,

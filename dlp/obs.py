@@ -32,9 +32,13 @@ def dampen(hessian: torch.Tensor, percdamp: float = DEFAULT_PERCDAMP) -> tuple[t
 
 def inverse_factor(hessian: torch.Tensor, what: str) -> torch.Tensor:
     """The upper Cholesky factor ``U`` of ``H^-1`` (``H`` already dampened); ``what`` names the caller in
-    the error raised when ``H`` is not positive definite."""
+    the error raised when ``H`` is not positive definite.
+
+    With ``P`` the order reversal and ``P H P = L L^T``, ``U = P L^-1 P``: one Cholesky and one triangular
+    solve, half the work of factorising, inverting and factorising again (same result to float rounding)."""
     try:
-        inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
-        return torch.linalg.cholesky(inverse, upper=True)
+        lower = torch.linalg.cholesky(hessian.flip(-1, -2))
     except torch.linalg.LinAlgError as exc:
         raise DLPError(f"{what}: the Hessian is not positive definite even after dampening; use more calibration samples") from exc
+    eye = torch.eye(hessian.shape[-1], dtype=hessian.dtype, device=hessian.device).expand_as(lower)
+    return torch.linalg.solve_triangular(lower, eye, upper=False).flip(-1, -2)

@@ -34,11 +34,13 @@ def _linears(model):
             for i in range(layout.num_blocks) for n, l in layout.linears(i).items()}
 
 
-@pytest.mark.parametrize("method,bits", [("rtn", 4), ("rtn", 8), ("gptq", 4), ("gptq", 8)])
-def test_quantize_keeps_the_mask_and_the_grid(pruned_llama, method, bits):
+@pytest.mark.parametrize("method,bits,compensation", [("rtn", 4, "exact"), ("rtn", 8, "exact"), ("gptq", 4, "exact"),
+                                                      ("gptq", 8, "exact"), ("gptq", 4, "shared")])
+def test_quantize_keeps_the_mask_and_the_grid(pruned_llama, method, bits, compensation):
     model = _copy(pruned_llama)
     before = _linears(model)
-    result = quantize(model, bits=bits, group_size=32, method=method, windows=tiny_models.windows())
+    result = quantize(model, bits=bits, group_size=32, method=method, windows=tiny_models.windows(),
+                      compensation=compensation)
     after = _linears(model)
     assert result.zeros_before == result.zeros_after > 0
     for name, W in after.items():
@@ -50,18 +52,35 @@ def test_quantize_keeps_the_mask_and_the_grid(pruned_llama, method, bits):
         assert not torch.equal(W, before[name])
 
 
-def test_gptq_error_below_rtn_on_its_calibration_inputs():
-    torch.manual_seed(0)
-    rows, cols, tokens = 32, 128, 2048
+def _layer(seed=0, rows=32, cols=128, tokens=2048):
+    torch.manual_seed(seed)
     X = torch.randn(tokens, 16) @ torch.randn(16, cols) + 0.1 * torch.randn(tokens, cols)  # correlated inputs
     W = torch.randn(rows, cols)
-    W[W.abs() < 0.6] = 0  # about half pruned
+    return W, X
+
+
+def test_gptq_error_below_rtn_on_its_calibration_inputs():
+    W, X = _layer()
+    W[W.abs() < 0.6] = 0  # about half pruned, a different mask in every row
     spec = QuantSpec(4, 32)
     H = X.t() @ X
-    err = {name: float(((q.weight - W) @ X.t()).pow(2).sum()) for name, q in
-           (("rtn", rtn(W, spec)), ("gptq", gptq(W, H, spec)))}
-    assert err["gptq"] < 0.5 * err["rtn"], err
-    assert torch.equal(gptq(W, H, spec).weight == 0, W == 0)
+    results = {"rtn": rtn(W, spec), "shared": gptq(W, H, spec, compensation="shared"),
+               "exact": gptq(W, H, spec, compensation="exact")}
+    err = {name: float(((q.weight - W) @ X.t()).pow(2).sum()) for name, q in results.items()}
+    assert err["exact"] < err["shared"] < 0.5 * err["rtn"], err
+    for q in results.values():
+        assert torch.equal(q.weight == 0, W == 0)
+
+
+def test_exact_and_shared_solvers_agree_without_zeros():
+    """With nothing pruned every row's restricted Hessian is the full one: the batched per-row solver
+    must reproduce plain GPTQ."""
+    W, X = _layer(1, rows=8, cols=64)
+    spec = QuantSpec(4, 16)
+    exact, shared = gptq(W, X.t() @ X, spec, compensation="exact"), gptq(W, X.t() @ X, spec, compensation="shared")
+    assert torch.allclose(exact.scale, shared.scale, rtol=1e-4)
+    assert (exact.weight != shared.weight).float().mean() < 0.02  # a rare code flips on float ties
+    assert torch.allclose(exact.weight, shared.weight, atol=float(shared.scale.max()) + 1e-6)
 
 
 def test_export_loads_back_with_the_same_weights_and_zeros(pruned_llama, tmp_path):
@@ -106,6 +125,7 @@ def test_bf16_export_keeps_zeros_and_codes(pruned_llama, tmp_path):
     (dict(group_size=48), "group size 48 does not divide in_features 64"),
     (dict(group_size=0), "group size must be in [1, inf)"),
     (dict(method="awq"), "unknown quantization method 'awq'"),
+    (dict(compensation="full"), "unknown GPTQ compensation 'full'"),
     (dict(method="gptq", windows=None), "GPTQ needs calibration windows"),
 ])
 def test_bad_settings_fail_in_one_line(pruned_llama, kwargs, needle):

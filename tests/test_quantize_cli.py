@@ -41,12 +41,12 @@ def folders(tmp_path_factory):
     return root / "base", root / "pruned"
 
 
-@pytest.mark.parametrize("method,bits", [("gptq", 4), ("rtn", 8)])
-def test_quantize_writes_a_checkpoint_that_keeps_the_zeros(capsys, folders, tmp_path, method, bits):
+@pytest.mark.parametrize("method,bits,compensation", [("gptq", 4, "exact"), ("gptq", 8, "shared"), ("rtn", 8, "exact")])
+def test_quantize_writes_a_checkpoint_that_keeps_the_zeros(capsys, folders, tmp_path, method, bits, compensation):
     out = tmp_path / f"{method}{bits}"
     code, stdout, err = run(capsys, "quantize", "--model", folders[1], "--out", out, "--bits", bits,
-                            "--group-size", 32, "--method", method, "--calibration", "c4", "--nsamples", 4,
-                            "--seqlen", 64, "--json")
+                            "--group-size", 32, "--method", method, "--compensation", compensation,
+                            "--calibration", "c4", "--nsamples", 4, "--seqlen", 64, "--json")
     assert code in (0, None), err
     summary = json.loads(stdout)
     assert summary["sparsity_kept"] is True and summary["sparsity_after"] == summary["sparsity_before"] > 0.5
@@ -81,6 +81,7 @@ def _one_error(code, err, needle):
     (["--group-size", 48], "group size 48 does not divide in_features 64"),
     (["--group-size", -1], "group size must be in [1, inf)"),
     (["--method", "awq"], "unknown quantization method 'awq'"),
+    (["--compensation", "full"], "unknown --compensation 'full'"),
     (["--export-dtype", "int8"], "unknown --export-dtype 'int8'"),
     (["--calibration", "no-such-file.txt"], "is neither a file"),
 ])
