@@ -180,3 +180,21 @@ def test_bad_storage_is_refused_before_any_run(registry):
     with pytest.raises(ValueError, match="unknown registry storage 'zip'"):
         _register(registry[1], "y", registry[1], storage="zip", experiment="dlp-masks-bad")
     assert client.search_runs([client.get_experiment_by_name("dlp-masks-bad").experiment_id]) == []
+
+
+def test_models_table_shows_bytes_stored_vs_dense(registry, capsys):
+    from cli import main
+
+    _, _, variants = registry
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["models", NAME])
+    out = capsys.readouterr().out
+    assert exc.value.code in (0, None), out
+    header, _, *rows = out.strip().splitlines()
+    assert "stored" in header and "of dense" in header
+    by_method = {r.split()[2]: r for r in rows}  # version, aliases ("-" or names), method
+    for method, (dense, res) in variants.items():
+        tags = reg.get_client().get_model_version(NAME, res["version"]).tags
+        share = f"{int(tags[mr.BYTES_STORED_TAG]) / int(tags[mr.BYTES_DENSE_TAG]):.1%}"
+        assert f"{int(tags[mr.BYTES_STORED_TAG]) / 2**20:.1f} MiB masks" in by_method[method] and share in by_method[method]
