@@ -75,20 +75,33 @@ class MaskStoredModel(mlflow.pyfunc.PythonModel):
         except (OSError, ValueError):  # a checkpoint logged without its tokenizer
             self.tokenizer = None
 
-    def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
-        """A greedy continuation of each prompt (``params``: ``max_new_tokens``, default 32)."""
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
+        """A greedy continuation of each prompt (a list of strings, one string or a one-column frame;
+        ``params``: ``max_new_tokens``, default 32; see :func:`signature`)."""
         import torch
 
         if self.tokenizer is None:
             raise ValueError("this variant was logged without a tokenizer; use unwrap_python_model().model")
         new = int((params or {}).get("max_new_tokens", 32))
+        if hasattr(model_input, "columns"):
+            model_input = model_input[model_input.columns[0]]
+        prompts = [model_input] if isinstance(model_input, str) else [str(p) for p in model_input]
         out = []
-        for prompt in model_input:
+        for prompt in prompts:
             ids = self.tokenizer(prompt, return_tensors="pt").input_ids
             with torch.no_grad():
                 gen = self.model.generate(ids, max_new_tokens=new, do_sample=False)
             out.append(self.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
         return out
+
+
+def signature() -> Any:
+    """Prompts in (strings), continuations out (strings), ``max_new_tokens`` as a parameter."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+                          params=ParamSchema([ParamSpec("max_new_tokens", "long", 32)]))
 
 
 def load_registered(model_uri: str) -> MaskStoredModel:

@@ -117,10 +117,12 @@ def log_packed_model(form: StoredForm, *, pip_requirements: Sequence[str]) -> "M
     """Log the packed variant as the ``model`` pyfunc model of the active run (:mod:`pipeline.mask_model`)."""
     import mlflow
 
-    from pipeline.mask_model import VARIANT_ARTIFACT, MaskStoredModel
+    from pipeline import mask_model
 
+    code = Path(mask_model.__file__).with_name("mask_model_code.py")  # a model from code: loading unpickles nothing
     return mlflow.pyfunc.log_model(
-        name="model", python_model=MaskStoredModel(), artifacts={VARIANT_ARTIFACT: str(form.folder)},
+        name="model", python_model=str(code), artifacts={mask_model.VARIANT_ARTIFACT: str(form.folder)},
         model_config={"base_uri": form.base_uri, "base_sha256": form.base_sha256},
+        signature=mask_model.signature(),
         pip_requirements=[*pip_requirements, "numpy"],
     )

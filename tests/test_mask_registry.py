@@ -113,8 +113,8 @@ def test_registered_variant_loads_through_mlflow_bit_exactly(registry, method):
     assert _tensor_digests(model.path) == want  # the materialised folder, tensor by tensor
     state = model.model.state_dict()
     assert {n: maskstore.tensor_sha256(state[n]) for n in want} == want  # and the weights transformers loaded
-    out = loaded.predict(["w1 w2 w3"], params={"max_new_tokens": 2})
-    assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)
+    out = loaded.predict(["w1 w2 w3"], params={"max_new_tokens": 3})
+    assert isinstance(out, list) and len(out) == 1 and len(model.tokenizer(out[0]).input_ids) <= 3
 
 
 def test_reused_run_and_dense_storage(registry, monkeypatch):
@@ -198,3 +198,20 @@ def test_models_table_shows_bytes_stored_vs_dense(registry, capsys):
         tags = reg.get_client().get_model_version(NAME, res["version"]).tags
         share = f"{int(tags[mr.BYTES_STORED_TAG]) / int(tags[mr.BYTES_DENSE_TAG]):.1%}"
         assert f"{int(tags[mr.BYTES_STORED_TAG]) / 2**20:.1f} MiB masks" in by_method[method] and share in by_method[method]
+
+
+def test_a_remote_base_is_downloaded_once_into_the_cache(registry, tmp_path, monkeypatch):
+    """A base URI that is no local folder (here ``runs:/``, as s3:// or mlflow-artifacts:/ would be) is
+    downloaded into DLP_CACHE_DIR/bases/<sha256> once and read from there after."""
+    import mlflow
+
+    from pipeline.mask_model import base_folder
+
+    monkeypatch.setenv("DLP_CACHE_DIR", str(tmp_path / "cache"))
+    client = reg.get_client()
+    [run] = _base_runs(client)
+    sha = run.data.tags[mr.BASE_SHA_TAG]
+    got = base_folder(f"runs:/{run.info.run_id}/checkpoint", sha)
+    assert got == tmp_path / "cache" / "bases" / sha and folder_fingerprint(got) == sha
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", lambda **_: pytest.fail("downloaded twice"))
+    assert base_folder(f"runs:/{run.info.run_id}/checkpoint", sha) == got
