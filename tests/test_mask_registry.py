@@ -118,21 +118,12 @@ def test_registered_variant_loads_through_mlflow_bit_exactly(registry, method):
 
 
 def test_reused_run_and_dense_storage(registry, monkeypatch):
-    import mlflow
+    from tests.conftest_pipeline import registry_down_once
 
     root, base, variants = registry
     client = reg.get_client()
     dense = variants["wanda"][0]
-    real = mlflow.register_model
-    calls = {"n": 0}
-
-    def flaky(*a, **k):  # a crash after logging: the rerun reuses the run and still tags the version
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("registry down (simulated)")
-        return real(*a, **k)
-
-    monkeypatch.setattr(mlflow, "register_model", flaky)
+    registry_down_once(monkeypatch)  # a crash after logging: the rerun reuses the run and still tags the version
     with pytest.raises(RuntimeError, match="simulated"):
         _register(dense, "retry", base)
     again = _register(dense, "retry", base)
