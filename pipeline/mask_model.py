@@ -68,7 +68,7 @@ class MaskStoredModel(mlflow.pyfunc.PythonModel):
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.path), True)
         materialize(context.artifacts[VARIANT_ARTIFACT], base, self.path / "model")
         self.path = self.path / "model"
-        self.model = AutoModelForCausalLM.from_pretrained(self.path)
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype="auto")  # the dtype it was saved in
         self.model.eval()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.path)

@@ -23,8 +23,8 @@ pytest_plugins = ["tests.conftest_pipeline"]
 NAME = "tiny-masks"
 
 
-def _variant(base: Path, out: Path, method: str) -> Path:
-    """``base`` pruned with ``method`` (2 windows of random tokens), saved with its tokenizer."""
+def _variant(base: Path, out: Path, method: str, dtype: torch.dtype = torch.float32) -> Path:
+    """``base`` pruned with ``method`` (2 windows of random tokens), saved in ``dtype`` with its tokenizer."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from dlp import pruning
@@ -33,7 +33,7 @@ def _variant(base: Path, out: Path, method: str) -> Path:
     model = LlamaForCausalLM.from_pretrained(base).eval()
     windows = torch.randint(4, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     report = pruning.prune(model, [0.5, 0.6], method=method, windows=windows)
-    save_checkpoint(model, AutoTokenizer.from_pretrained(base), out, report.to_json())
+    save_checkpoint(model.to(dtype), AutoTokenizer.from_pretrained(base), out, report.to_json())
     return out
 
 
@@ -55,8 +55,8 @@ def _register(ckpt: Path, key: str, base: Path | None, storage: str = "masks", e
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, tiny_hf_checkpoint):
-    """One SQLite registry for the module with a Wanda (mask) and a SparseGPT (mask+values) variant registered
-    as masks over one base: (root, base, {method: (dense folder, registration)})."""
+    """One SQLite registry for the module with a Wanda (mask, float32) and a SparseGPT (mask+values, bfloat16)
+    variant registered as masks over one float32 base: (root, base, {method: (dense folder, registration)})."""
     import mlflow
 
     root = tmp_path_factory.mktemp("mask-registry")
@@ -68,8 +68,8 @@ def registry(tmp_path_factory, tiny_hf_checkpoint):
             mp.setenv(k, "1")
         base = Path(shutil.copytree(tiny_hf_checkpoint, root / "base"))
         variants = {}
-        for method in ("wanda", "sparsegpt"):
-            dense = _variant(base, root / method, method)
+        for method, dtype in (("wanda", torch.float32), ("sparsegpt", torch.bfloat16)):
+            dense = _variant(base, root / method, method, dtype)
             variants[method] = dense, _register(dense, method, base)
         yield root, base, variants
         while mlflow.active_run() is not None:
