@@ -6,8 +6,10 @@ or quantized variants. :func:`pack` writes a variant folder that keeps exactly t
 
 - ``dlp_variant.json``: the base's content fingerprint (:func:`dlp.models.folder_fingerprint`), and per
   weights file its safetensors header metadata, tensor order, sha256 and size; per tensor its *kind*;
-- ``variant.safetensors``: ``NAME::mask`` (1 bit per weight, ``numpy.packbits`` of "kept") and
-  ``NAME::values`` (the kept values, flat) or ``NAME`` (the whole tensor), as each kind needs;
+- ``variant.safetensors`` (``variant-00001-of-0000N.safetensors`` per weights file of a sharded variant, so
+  packing and materialising hold one shard's worth at a time): ``NAME::mask`` (1 bit per weight,
+  ``numpy.packbits`` of "kept"), ``NAME::values`` (the kept values, flat) or ``NAME::dense`` (the whole
+  tensor), as each kind needs;
 - the variant's other files (config, tokenizer, report, shard index), copied as they are.
 
 Kinds, chosen per tensor by reconstructing it with the very code :func:`materialize` runs and comparing
@@ -159,9 +161,31 @@ def _check_folder(folder: Path, what: str) -> None:
         raise DLPError(f"{what} {folder} is not a Hugging Face model folder (no config.json)")
 
 
+def _store_name(i: int, n: int) -> str:
+    return STORE if n == 1 else f"variant-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _pack_file(path: Path, reader: _BaseReader, manifest: dict, kinds: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Encode one weights file of the variant: its manifest entries, and the tensors its store file holds."""
+    from safetensors import safe_open
+
+    store: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as fh:
+        names = list(fh.keys())
+        manifest["files"][path.name] = {"metadata": fh.metadata(), "tensors": names,
+                                        "sha256": _sha256_file(path), "bytes": path.stat().st_size}
+        for name in names:
+            tensor = fh.get_tensor(name)
+            kind, parts = encode(tensor, reader.get(name))
+            kinds[kind] = kinds.get(kind, 0) + 1
+            manifest["tensors"][name] = {"kind": kind, "dtype": str(tensor.dtype).removeprefix("torch."),
+                                         "shape": list(tensor.shape), "sha256": tensor_sha256(tensor)}
+            store.update({f"{name}::{part}": value for part, value in parts.items()})
+    return store
+
+
 def pack(variant: str | Path, base: str | Path, out: str | Path, *, base_source: str | None = None) -> PackInfo:
     """Store the model folder ``variant`` as masks (and values) over the base folder ``base`` (module docstring)."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     variant, base, out = Path(variant), Path(base), Path(out)
@@ -173,27 +197,19 @@ def pack(variant: str | Path, base: str | Path, out: str | Path, *, base_source:
     manifest = {"format": FORMAT, "version": VERSION,
                 "base": {"fingerprint": folder_fingerprint(base), "source": base_source or str(base)},
                 "files": {}, "tensors": {}}
-    store: dict[str, torch.Tensor] = {}
     kinds: dict[str, int] = {}
-    for path in _weight_files(variant):
-        with safe_open(str(path), framework="pt") as fh:
-            names = list(fh.keys())
-            manifest["files"][path.name] = {"metadata": fh.metadata(), "tensors": names,
-                                            "sha256": _sha256_file(path), "bytes": path.stat().st_size}
-            for name in names:
-                tensor = fh.get_tensor(name)
-                kind, parts = encode(tensor, reader.get(name))
-                kinds[kind] = kinds.get(kind, 0) + 1
-                manifest["tensors"][name] = {"kind": kind, "dtype": str(tensor.dtype).removeprefix("torch."),
-                                             "shape": list(tensor.shape), "sha256": tensor_sha256(tensor)}
-                store.update({f"{name}::{part}": value for part, value in parts.items()})
+    files = _weight_files(variant)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
+        for i, path in enumerate(files):  # one weights file in memory at a time
+            store = _pack_file(path, reader, manifest, kinds)
+            manifest["files"][path.name]["store"] = _store_name(i, len(files))
+            save_file(store, str(tmp / _store_name(i, len(files))), metadata={"format": FORMAT})
+            del store
         for path in variant.iterdir():
             if path.is_file() and path.suffix != ".safetensors":
                 shutil.copy2(path, tmp / path.name)
-        save_file(store, str(tmp / STORE), metadata={"format": FORMAT})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out.exists():
             shutil.rmtree(out)
@@ -225,11 +241,24 @@ def check_base(manifest: dict, base: str | Path) -> None:
                        f"from {manifest['base']['source']}); pass that original base checkpoint, or re-pack the variant over this one")
 
 
-def materialize(variant: str | Path, base: str | Path, out: str | Path) -> Path:
-    """Write the standard Hugging Face folder the variant was packed from, bit-exactly (module docstring)."""
+def _materialize_file(store_path: Path, info: dict, tensors_meta: dict, reader: _BaseReader, out: Path) -> None:
+    """Rebuild one weights file of the variant from its store file and the base, with its recorded metadata."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    tensors = {}
+    with safe_open(str(store_path), framework="pt") as store:
+        stored = set(store.keys())
+        for name in info["tensors"]:
+            meta = tensors_meta[name]
+            parts = {p: store.get_tensor(f"{name}::{p}") for p in ("dense", "mask", "values") if f"{name}::{p}" in stored}
+            base_tensor = reader.get(name) if meta["kind"] in ("base", "mask") else None
+            tensors[name] = reconstruct(meta["kind"], getattr(torch, meta["dtype"]), meta["shape"], base_tensor, parts)
+    save_file(tensors, str(out), metadata=info["metadata"])
+
+
+def materialize(variant: str | Path, base: str | Path, out: str | Path) -> Path:
+    """Write the standard Hugging Face folder the variant was packed from, bit-exactly (module docstring)."""
     variant, out = Path(variant), Path(out)
     manifest = read_manifest(variant)
     check_base(manifest, base)
@@ -237,23 +266,15 @@ def materialize(variant: str | Path, base: str | Path, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
+        stores = {info["store"] for info in manifest["files"].values()}
         for path in variant.iterdir():
-            if path.is_file() and path.name not in (MANIFEST, STORE):
+            if path.is_file() and path.name != MANIFEST and path.name not in stores:
                 shutil.copy2(path, tmp / path.name)
-        with safe_open(str(variant / STORE), framework="pt") as store:
-            stored_names = set(store.keys())
-            for filename, info in manifest["files"].items():
-                tensors = {}
-                for name in info["tensors"]:
-                    meta = manifest["tensors"][name]
-                    parts = {p: store.get_tensor(f"{name}::{p}") for p in ("dense", "mask", "values")
-                             if f"{name}::{p}" in stored_names}
-                    base_tensor = reader.get(name) if meta["kind"] in ("base", "mask") else None
-                    tensors[name] = reconstruct(meta["kind"], getattr(torch, meta["dtype"]), meta["shape"], base_tensor, parts)
-                save_file(tensors, str(tmp / filename), metadata=info["metadata"])
-                if _sha256_file(tmp / filename) != info["sha256"]:
-                    raise DLPError(f"materialized {filename} differs from the packed variant's sha256; "
-                                   f"the variant folder {variant} is damaged: re-pack it from its dense copy")
+        for filename, info in manifest["files"].items():
+            _materialize_file(variant / info["store"], info, manifest["tensors"], reader, tmp / filename)
+            if _sha256_file(tmp / filename) != info["sha256"]:
+                raise DLPError(f"materialized {filename} differs from the packed variant's sha256; "
+                               f"the variant folder {variant} is damaged: re-pack it from its dense copy")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

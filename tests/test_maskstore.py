@@ -54,6 +54,9 @@ def test_bf16_variant_over_float32_base_and_shards(base, tmp_path):
     assert (dense / "model.safetensors.index.json").exists() and len(list(dense.glob("*.safetensors"))) > 1
     info = maskstore.pack(dense, base, tmp_path / "var")
     assert info.kinds == {"base": 7, "mask": 14}  # the base cast to bfloat16 is the variant's survivors
+    shards = sorted(p.name for p in dense.glob("*.safetensors"))
+    stores = sorted(p.name for p in (tmp_path / "var").glob("*.safetensors"))  # one store file per shard
+    assert len(stores) == len(shards) and all(n.startswith("variant-") for n in stores)
     out = maskstore.materialize(tmp_path / "var", base, tmp_path / "back")
     assert _same_files(dense, out) and (out / "model.safetensors.index.json").exists()
 
