@@ -295,9 +295,10 @@ def log_variant_run(
 
     params/metrics/block_*: see :mod:`pipeline.variant_logging`; lineage: :data:`LINEAGE_FIELDS` (tagged
     ``dlp.<field>`` on run and version); documents: artifact file -> dict or text; extra_artifacts: artifact
-    folder -> file or folder; storage: ``dense`` (the checkpoint, transformers flavor) or ``masks`` (packed over
-    the base checkpoint ``base_dir``, a pyfunc model: :mod:`pipeline.mask_registry`). Idempotent on ``variant_key``: when a version with that ``dlp.variant_key``
-    exists it is returned and nothing is created. Returns ``{"name", "version", "run_id", "model_uri",
+    folder -> file or folder; storage: ``dense`` (the checkpoint, transformers flavor) or ``masks`` (packed
+    over the base checkpoint ``base_dir``, a pyfunc model: :mod:`pipeline.mask_registry`). Idempotent on
+    ``variant_key``: when a version with that ``dlp.variant_key`` exists it is returned and nothing is created
+    (whatever ``storage`` says). Returns ``{"name", "version", "run_id", "model_uri",
     "alias", "reused"}`` with ``model_uri = "models:/NAME/VERSION"``.
     """
     uri = configure_mlflow(tracking_uri, workdir)
