@@ -152,7 +152,8 @@ class PackInfo:
                 "ratio": self.bytes_variant / max(self.bytes_dense, 1), "kinds": self.kinds}
 
 
-def _folder_bytes(folder: Path) -> int:
+def folder_bytes(folder: Path) -> int:
+    """Bytes of a model folder's files (weights, config, tokenizer, ...): what a copy of it costs."""
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
@@ -217,7 +218,7 @@ def pack(variant: str | Path, base: str | Path, out: str | Path, *, base_source:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     dense = sum(f["bytes"] for f in manifest["files"].values())
-    return PackInfo(out, _folder_bytes(out), dense, kinds)
+    return PackInfo(out, folder_bytes(out), dense, kinds)
 
 
 def read_manifest(variant: str | Path) -> dict:

@@ -9,7 +9,8 @@ run and model version are tagged with:
 
 - ``dlp.storage``: ``masks`` or ``dense``;
 - ``dlp.base_checkpoint_sha256`` / ``dlp.base_checkpoint_uri``: the base's content sha256 and where it lives;
-- ``dlp.bytes_stored`` / ``dlp.bytes_dense``: bytes of the logged variant vs its dense weights files
+- ``dlp.bytes_stored`` / ``dlp.bytes_dense``: bytes of the logged variant folder vs its dense folder (weights,
+  config and tokenizer files both)
   (also logged as the metrics ``storage.bytes_stored`` / ``storage.bytes_dense`` / ``storage.ratio``).
 
 mlflow is imported lazily.
@@ -59,10 +60,6 @@ class StoredForm:
                 "storage.ratio": self.bytes_stored / max(self.bytes_dense, 1)}
 
 
-def weights_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
-
-
 def storage_tags_of(tags: Mapping[str, str]) -> dict[str, str]:
     """The storage tags among a run's tags (a reused run gives them to its new version)."""
     return {k: v for k, v in tags.items() if k in STORAGE_TAGS}
@@ -96,21 +93,21 @@ def stored_form(storage: str, checkpoint_dir: Path, base_dir: Path | None, base_
                 client: "MlflowClient", experiment_id: str) -> Iterator[StoredForm]:
     """The variant as it will be logged: the dense checkpoint, or (``masks``) a packed copy in a temp folder
     over the base, which is logged first (once per content). Packing fails before any run is started."""
+    from dlp.maskstore import folder_bytes, pack, read_manifest
+
     if storage not in STORAGES:
         raise ValueError(f"unknown registry storage '{storage}'; use one of: {', '.join(STORAGES)}")
-    dense = weights_bytes(checkpoint_dir)
+    dense = folder_bytes(checkpoint_dir)
     if storage == "dense":
         yield StoredForm("dense", Path(checkpoint_dir), dense, dense)
         return
     if base_dir is None:
         raise ValueError("registry storage 'masks' needs the base checkpoint folder (base_dir)")
-    from dlp.maskstore import pack, read_manifest
-
     with tempfile.TemporaryDirectory(prefix="dlp-pack-") as tmp:
         info = pack(checkpoint_dir, base_dir, Path(tmp) / "variant", base_source=base_source)
         sha = read_manifest(info.path)["base"]["fingerprint"]
         uri = ensure_base_logged(client, experiment_id, Path(base_dir), sha, base_source or str(base_dir))
-        yield StoredForm("masks", info.path, info.bytes_variant, info.bytes_dense, sha, uri)
+        yield StoredForm("masks", info.path, info.bytes_variant, dense, sha, uri)
 
 
 def log_packed_model(form: StoredForm, *, pip_requirements: Sequence[str]) -> "ModelInfo":

@@ -74,7 +74,7 @@ class Variant:
     run_name: str | None = None
     storage: str | None = None  # masks | dense (pipeline.mask_registry); None for versions logged before
     bytes_stored: int | None = None  # bytes of the logged variant
-    bytes_dense: int | None = None  # bytes of its dense weights files
+    bytes_dense: int | None = None  # bytes of its dense folder
     tags: dict[str, str] = field(default_factory=dict)
 
     def gate_value(self, metric: str) -> float | None:
@@ -230,7 +230,8 @@ def _mib(n: int | None) -> str:
 
 
 def _stored(v: Variant) -> list[str]:
-    """``stored`` (bytes of the logged variant, with its storage) and ``of dense`` (its share of the dense copy)."""
+    """``stored`` (bytes of the logged variant folder, with its storage) and ``of dense`` (its share of the dense
+    folder's bytes)."""
     if v.bytes_stored is None:
         return ["-", "-"]
     share = f"{v.bytes_stored / v.bytes_dense:.1%}" if v.bytes_dense else "-"

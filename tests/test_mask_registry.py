@@ -91,9 +91,9 @@ def test_version_holds_only_the_pack_and_names_its_base(registry, method, kind, 
     tags = client.get_model_version(NAME, res["version"]).tags
     assert tags[mr.STORAGE_TAG] == "masks" and tags[mr.BASE_SHA_TAG] == folder_fingerprint(base)
     assert tags[mr.BASE_URI_TAG].endswith("/checkpoint") and tags["dlp.method"] == method
-    assert int(tags[mr.BYTES_STORED_TAG]) < int(tags[mr.BYTES_DENSE_TAG]) == mr.weights_bytes(dense)
+    assert int(tags[mr.BYTES_STORED_TAG]) < int(tags[mr.BYTES_DENSE_TAG]) == maskstore.folder_bytes(dense)
     assert client.get_run(res["run_id"]).data.metrics["storage.ratio"] == pytest.approx(
-        int(tags[mr.BYTES_STORED_TAG]) / mr.weights_bytes(dense))
+        int(tags[mr.BYTES_STORED_TAG]) / maskstore.folder_bytes(dense))
     logged = Path(mlflow.artifacts.download_artifacts(res["model_uri"], dst_path=str(tmp_path / "dl")))
     assert [p.name for p in logged.rglob("*.safetensors")] == [maskstore.STORE]  # no dense copy in the version
     kinds = {t["kind"] for t in maskstore.read_manifest(logged / "artifacts" / "variant")["tensors"].values()}
