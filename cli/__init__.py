@@ -3,6 +3,7 @@
 - :mod:`cli.library`           -- ``ratios``, ``prune``, ``ppl``, ``eval``: direct calls into dlp/
 - :mod:`cli.pipeline_commands` -- ``compress``, ``sweep``: the Prefect flows
 - :mod:`cli.ops_commands`      -- ``deploy``, ``watch``, ``promote``, ``models``, ``report``
+- :mod:`cli.quant_commands`    -- ``quantize``, ``pack``, ``materialize``: deployable and compact outputs
 - :mod:`cli.prefect_server`    -- the temporary Prefect API a pipeline command starts when none is configured
 
 prefect, mlflow and torch are imported inside the commands, so ``dlp --help`` stays fast.
@@ -13,12 +14,13 @@ import sys
 
 import typer
 
-from cli import ops_commands, pipeline_commands
+from cli import ops_commands, pipeline_commands, quant_commands
 from cli.library import app
 from dlp.errors import DLPError
 
 pipeline_commands.register(app)
 ops_commands.register(app)
+quant_commands.register(app)
 
 __all__ = ["app", "main"]
 

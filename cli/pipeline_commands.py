@@ -176,7 +176,8 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"loss {_fmt(rec['loss_first'])} -> {_fmt(rec['loss_last'])} over {rec['steps']} steps")
     lines.append("")
     lines.append(f"registered: {s['registered_name']} version {s['version']} ({s['model_uri']})")
-    lines.append(f"load it:    mlflow.transformers.load_model(\"{s['alias_uri']}\")")
+    lines.append(f"load it:    mlflow.pyfunc.load_model(\"{s['alias_uri']}\")  (stored as masks: "
+                 ".unwrap_python_model().model is the transformers model)")
     lines.append(f"checkpoint: {s['checkpoint_uri']}")
     return "\n".join(lines)
 

@@ -93,3 +93,17 @@ DEFAULT_MERGE = "masked"
 #: The Wanda/OWL recipe (peft LoRA on C4, fp16 on a GPU): the paper-like settings for 7B models
 PAPER_RECOVERY = {"rank": 8, "alpha": 16.0, "dropout": 0.05, "target_modules": ("q_proj", "v_proj"), "lr": 1e-4}
 RECOVERY_MAX_GRAD_NORM = 1.0  # gradient clipping, as the HF Trainer the Wanda/OWL recipe ran under
+
+QUANT_BITS = (4, 8)  # the integer widths compressed-tensors packs and vLLM's W4A16 / W8A16 kernels serve
+GROUP_SIZE = Range("group size", 1, None, why="inputs per quantization scale; must divide every linear's in_features")
+DEFAULT_QUANT_BITS = 4
+DEFAULT_GROUP_SIZE = 128
+
+
+def check_quant(bits: Any, group_size: Any) -> None:
+    """Quantization settings the exporter can write: 4 or 8 bits, a positive integer group size."""
+    if isinstance(bits, bool) or bits not in QUANT_BITS:
+        raise DLPError(f"bits must be one of {', '.join(map(str, QUANT_BITS))} (W4A16 / W8A16), got {bits}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise DLPError(f"group size must be a positive integer such as {DEFAULT_GROUP_SIZE}, got {group_size}")
+    GROUP_SIZE.check(group_size)

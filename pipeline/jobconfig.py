@@ -142,6 +142,8 @@ class RegistrySection(_Section):
     experiment: str = Field("dlp", min_length=1)
     artifact_location: str | None = Field(None, description="experiment artifact root (default: <workdir>/mlartifacts)")
     alias: str = Field("candidate", min_length=1, description="alias moved to each newly registered version")
+    storage: Literal["masks", "dense"] = Field(
+        "masks", description="registered variant: masks (bitmask + changed values over the base, logged once) | dense")
 
 
 class ResourcesSection(_Section):

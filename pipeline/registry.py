@@ -15,9 +15,11 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from pipeline.mask_registry import storage_tags_of
 from pipeline.tracking import (
     DEFAULT_EXPERIMENT,
     configure_mlflow,
@@ -166,6 +168,9 @@ class _VariantRun:
     documents: Mapping[str, Any]
     extra_artifacts: Mapping[str, str | os.PathLike[str]]
     series: Mapping[str, Sequence[float]]
+    storage: str = "dense"  # or "masks": pipeline.mask_registry
+    base_dir: str | os.PathLike[str] | None = None
+    base_source: str | None = None
 
     @property
     def title(self) -> str:
@@ -186,20 +191,32 @@ def _find_reusable_run(client: "MlflowClient", experiment_id: str, variant_key: 
     return next((r for r in runs if r.data.tags.get(MODEL_URI_TAG)), None)
 
 
-def _log_new_run(experiment_id: str, v: _VariantRun) -> tuple[str, str]:
-    """Start the variant run, log its content and checkpoint; returns (run id, logged model URI)."""
+def _log_new_run(client: "MlflowClient", experiment_id: str, v: _VariantRun) -> tuple[str, _VariantRun]:
+    """Start the variant run, log its content and its stored form (dense checkpoint or packed variant over the
+    base, :mod:`pipeline.mask_registry`); returns the logged model URI and ``v`` with the storage tags."""
     import mlflow
 
+    from pipeline.mask_registry import log_packed_model, stored_form
+
     require_checkpoint(v.checkpoint_dir)  # before the run: a bad folder leaves no failed run behind
-    nested = mlflow.active_run() is not None
-    with mlflow.start_run(experiment_id=experiment_id, run_name=v.run_name, nested=nested, tags=v.run_tags) as run:
-        log_run_content(params=v.params, metrics=v.metrics, blocks=v.blocks, plot_title=v.title,
-                        documents=v.documents, extra_artifacts=v.extra_artifacts, series=v.series)
-        info = log_checkpoint(v.checkpoint_dir, card_title=v.card_title, tags=v.tags,
-                              pip_requirements=v.pip_requirements)
-        mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
-        log.info("logged model %s (%s) in run %s", info.model_id, v.run_name or v.variant_key[:12], run.info.run_id)
-        return run.info.run_id, info.model_uri
+    with stored_form(v.storage, Path(v.checkpoint_dir), Path(v.base_dir) if v.base_dir else None, v.base_source,
+                     client, experiment_id) as form:  # packing fails before the run too
+        v = replace(v, tags={**v.tags, **form.tags()}, run_tags={**v.run_tags, **form.tags()},
+                    metrics={**v.metrics, **form.metrics()})
+        nested = mlflow.active_run() is not None
+        with mlflow.start_run(experiment_id=experiment_id, run_name=v.run_name, nested=nested, tags=v.run_tags) as run:
+            log_run_content(params=v.params, metrics=v.metrics, blocks=v.blocks, plot_title=v.title,
+                            documents=v.documents, extra_artifacts=v.extra_artifacts, series=v.series)
+            reqs = list(v.pip_requirements) if v.pip_requirements is not None else default_pip_requirements()
+            if form.storage == "masks":
+                info = log_packed_model(form, pip_requirements=reqs)
+            else:
+                info = log_checkpoint(form.folder, card_title=v.card_title, tags=v.tags, pip_requirements=reqs)
+            mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
+            log.info("logged model %s (%s, %s: %d bytes, dense %d) in run %s", info.model_id,
+                     v.run_name or v.variant_key[:12], form.storage, form.bytes_stored, form.bytes_dense,
+                     run.info.run_id)
+            return info.model_uri, v
 
 
 def _ensure_registered_model(client: "MlflowClient", name: str, tags: Mapping[str, str], description: str | None):
@@ -272,13 +289,19 @@ def log_variant_run(
     extra_tags: Mapping[str, str] | None = None,
     description: str | None = None,
     series: Mapping[str, Sequence[float]] | None = None,
+    storage: str = "dense",
+    base_dir: str | os.PathLike[str] | None = None,
+    base_source: str | None = None,
 ) -> dict[str, Any]:
     """Log one pruned variant as an MLflow run and register its checkpoint as a new model version.
 
     params/metrics/block_*: see :mod:`pipeline.variant_logging`; lineage: :data:`LINEAGE_FIELDS` (tagged
     ``dlp.<field>`` on run and version); documents: artifact file -> dict or text; extra_artifacts: artifact
-    folder -> file or folder; series: metric -> values logged at steps 1, 2, ... Idempotent on ``variant_key``: when a version with that ``dlp.variant_key``
-    exists it is returned and nothing is created. Returns ``{"name", "version", "run_id", "model_uri",
+    folder -> file or folder; series: metric -> values logged at steps 1, 2, ...; storage: ``dense`` (the
+    checkpoint, transformers flavor) or ``masks`` (packed over the base checkpoint ``base_dir``, a pyfunc
+    model: :mod:`pipeline.mask_registry`). Idempotent on ``variant_key``: when a version with that
+    ``dlp.variant_key`` exists it is returned and nothing is created (whatever ``storage`` says). Returns
+    ``{"name", "version", "run_id", "model_uri",
     "alias", "reused"}`` with ``model_uri = "models:/NAME/VERSION"``.
     """
     uri = configure_mlflow(tracking_uri, workdir)
@@ -292,14 +315,16 @@ def log_variant_run(
         run_tags={**tags, **(extra_tags or {})}, params=params or {}, metrics=metrics or {},
         blocks=BlockProfile(block_sparsity or (), block_target or (), block_statistic or (), statistic_name),
         run_name=run_name, pip_requirements=pip_requirements, documents=documents or {},
-        extra_artifacts=extra_artifacts or {}, series=series or {},
+        extra_artifacts=extra_artifacts or {}, series=series or {}, storage=storage, base_dir=base_dir,
+        base_source=base_source,
     )
     exp_id = ensure_experiment(experiment, artifact_location, tracking_uri=uri, workdir=workdir)
     run = _find_reusable_run(client, exp_id, variant_key)
     if run is not None:
         log.info("reusing finished run %s (model already logged) for variant %s", run.info.run_id, variant_key[:12])
         model_uri = run.data.tags[MODEL_URI_TAG]
+        v = replace(v, tags={**v.tags, **storage_tags_of(run.data.tags)})
     else:
-        _, model_uri = _log_new_run(exp_id, v)
+        model_uri, v = _log_new_run(client, exp_id, v)
     _ensure_registered_model(client, registered_name, tags, description)
     return _register(client, model_uri, v, alias)

@@ -49,7 +49,8 @@ tr.champion td{background:#fff8dc;font-weight:bold} .note{color:#666;font-size:1
 .badge{display:inline-block;background:#2c7be5;color:#fff;border-radius:3px;padding:0 5px;font-size:11px;margin-right:3px}
 .badge.champion{background:#c98a00}
 """
-_NUMERIC_COLS = {"version", "target", "sparsity", "ppl", "dense ppl", "ratio", "zero-shot", "zs drop"}
+_NUMERIC_COLS = {"version", "target", "sparsity", "ppl", "dense ppl", "ratio", "zero-shot", "zs drop", "stored",
+                 "of dense"}
 
 
 def _series_key(v: Variant) -> str:

@@ -5,7 +5,8 @@
   ``statistic.block_NN`` and ``sparsity.block_mean|min|max``;
 - artifacts: ``sparsity/blocks.json`` (``mlflow.log_dict``), ``sparsity/sparsity.png`` (``mlflow.log_figure``),
   documents (dict -> ``log_dict``, text -> ``log_text``) and extra files or folders;
-- the checkpoint, logged with ``mlflow.transformers.log_model(name="model", ...)``.
+- the checkpoint, logged with ``mlflow.transformers.log_model(name="model", ...)`` (``registry.storage: dense``;
+  stored as masks it is :func:`pipeline.mask_registry.log_packed_model` instead).
 
 mlflow, matplotlib and transformers are imported lazily.
 """

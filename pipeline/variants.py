@@ -74,6 +74,9 @@ class Variant:
     run_name: str | None = None
     recovered: bool = False  # LoRA recovery fine-tuned after pruning (tag dlp.recovered)
     ppl_before_recovery: float | None = None
+    storage: str | None = None  # masks | dense (pipeline.mask_registry); None for versions logged before
+    bytes_stored: int | None = None  # bytes of the logged variant
+    bytes_dense: int | None = None  # bytes of its dense folder
     tags: dict[str, str] = field(default_factory=dict)
 
     def gate_value(self, metric: str) -> float | None:
@@ -113,6 +116,13 @@ def _to_float(text: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _to_int(text: Any) -> int | None:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
 def _indexed(metrics: dict[str, float], rx: re.Pattern[str]) -> list[float]:
     found = sorted((int(m.group(1)), float(v)) for k, v in metrics.items() if (m := rx.match(k)))
     return [v for _, v in found]
@@ -133,6 +143,7 @@ def variant_from(mv: Any, run: Any | None, aliases: Sequence[str] = ()) -> Varia
     v.method, v.allocation, v.statistic, v.pattern = tag("method"), tag("allocation"), tag("statistic"), tag("pattern")
     v.alpha = tag("alpha")
     v.base_model, v.base_revision, v.variant_key = tag("base_model"), tag("base_revision"), tags.get(reg.VARIANT_TAG)
+    v.storage, v.bytes_stored, v.bytes_dense = tag("storage"), _to_int(tag("bytes_stored")), _to_int(tag("bytes_dense"))
     v.target_sparsity = _first(metrics, TARGET_SPARSITY_KEYS)
     if v.target_sparsity is None:
         v.target_sparsity = _to_float(tag("sparsity"))
@@ -217,7 +228,20 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 TABLE_COLUMNS = ("version", "aliases", "method", "allocation", "target", "sparsity", "ppl", "dense ppl", "ratio",
-                 "zero-shot", "zs drop", "base rev", "created", "recovered")
+                 "zero-shot", "zs drop", "stored", "of dense", "base rev", "created", "recovered")
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _stored(v: Variant) -> list[str]:
+    """``stored`` (bytes of the logged variant folder, with its storage) and ``of dense`` (its share of the dense
+    folder's bytes)."""
+    if v.bytes_stored is None:
+        return ["-", "-"]
+    share = f"{v.bytes_stored / v.bytes_dense:.1%}" if v.bytes_dense else "-"
+    return [f"{_mib(v.bytes_stored)} {v.storage or ''}".rstrip(), share]
 
 
 def table_rows(variants: Sequence[Variant]) -> list[list[str]]:
@@ -230,8 +254,8 @@ def table_rows(variants: Sequence[Variant]) -> list[list[str]]:
         rows.append([
             str(v.version), ",".join(v.aliases) or "-", v.method or "-", alloc, _fmt(v.target_sparsity, ".3f"),
             _fmt(v.sparsity, ".4f"), _fmt(v.ppl, ".3f"), _fmt(v.dense_ppl, ".3f"), _fmt(v.ppl_ratio, ".3f"),
-            _fmt(v.zero_shot, ".4f"), _fmt(v.zero_shot_drop, "+.4f"), (v.base_revision or "-")[:12], created,
-            _recovered_cell(v),
+            _fmt(v.zero_shot, ".4f"), _fmt(v.zero_shot_drop, "+.4f"), *_stored(v), (v.base_revision or "-")[:12],
+            created, _recovered_cell(v),
         ])
     return rows
 
@@ -250,7 +274,7 @@ def format_table(variants: Sequence[Variant]) -> str:
     rows = table_rows(variants)
     header = list(TABLE_COLUMNS)
     widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i]) for i in range(len(header))]
-    numeric = {0, 4, 5, 6, 7, 8, 9, 10}
+    numeric = {0, 4, 5, 6, 7, 8, 9, 10, 11, 12}
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(c.rjust(widths[i]) if i in numeric else c.ljust(widths[i]) for i, c in enumerate(cells)).rstrip()

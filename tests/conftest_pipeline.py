@@ -79,6 +79,7 @@ __all__ = [
     "hf_offline",
     "make_tiny_checkpoint",
     "mlflow_tracking",
+    "registry_down_once",
     "moto_s3",
     "pipeline_workdir",
     "prefect_harness",
@@ -146,6 +147,22 @@ class MlflowTracking:
     uri: str
     root: Path
     artifact_location: str
+
+
+def registry_down_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``mlflow.register_model`` fails once ("registry down (simulated)"), then works: a crash after logging."""
+    import mlflow
+
+    real = mlflow.register_model
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("registry down (simulated)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(mlflow, "register_model", flaky)
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The offline demo end to end on the bundled SmolLM2-135M (reduced: 8 x 128 calibration, 8 x 128 perplexity
 tokens): statistics, DLP rates, Wanda at 70 %, dense and pruned perplexity, registration, and the registered
-version loads back through ``models:/NAME@candidate``."""
+version (stored as masks over the base) loads back through ``models:/NAME@candidate``."""
 
 from __future__ import annotations
 
@@ -35,7 +35,10 @@ def test_demo_end_to_end_on_smollm2(tmp_path, prefect_harness, monkeypatch):
     assert s["alias_uri"] == "models:/smollm2-135m-dlp@candidate"
 
     configure_mlflow(None, tmp_path / "work")
-    components = mlflow.transformers.load_model(s["alias_uri"], return_type="components")
+    loaded = mlflow.pyfunc.load_model(s["alias_uri"]).unwrap_python_model()  # stored as masks: materialised here
+    components = {"model": loaded.model, "tokenizer": loaded.tokenizer}
+    tags = mlflow.MlflowClient().get_model_version_by_alias(s["registered_name"], "candidate").tags
+    assert tags["dlp.storage"] == "masks" and int(tags["dlp.bytes_stored"]) < 0.05 * int(tags["dlp.bytes_dense"])
     model = components["model"]
     layer = model.model.layers[5].mlp.up_proj.weight
     assert float((layer == 0).float().mean()) == pytest.approx(s["per_block"][5]["achieved"], abs=0.02)

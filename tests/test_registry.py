@@ -175,18 +175,9 @@ def test_logged_model_loads_back(mlflow_tracking, tiny_hf_checkpoint, hf_offline
 
 
 def test_crash_after_logging_reuses_the_run(mlflow_tracking, tiny_hf_checkpoint, hf_offline, monkeypatch):
-    import mlflow
+    from tests.conftest_pipeline import registry_down_once
 
-    real = mlflow.register_model
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("registry down (simulated)")
-        return real(*a, **k)
-
-    monkeypatch.setattr(mlflow, "register_model", flaky)
+    registry_down_once(monkeypatch)
     with pytest.raises(RuntimeError, match="simulated"):
         _log(tiny_hf_checkpoint, "key-crash")
     client = reg.get_client()

@@ -8,10 +8,13 @@ its version. The checkpoint is read from the store (downloaded only when a new v
 Logged: params (the full resolved job), metrics (dense and pruned perplexity, achieved sparsity overall and
 per block, per-stage compute seconds, zero-shot accuracies with their delta to the dense model), artifacts
 (per-block sparsity JSON + PNG via log_variant_run; ``config/job.yaml``, ``pipeline/manifests.json`` and
-``evaluation/zero_shot.json`` as documents; the alpha search's curve), the pruned checkpoint (transformers
-flavor) registered as a new version with lineage tags and the alias moved to it. A recovered variant registers
-the recovered checkpoint instead, with what :mod:`pipeline.recovery_logging` adds (tag ``dlp.recovered=true``,
-its settings, perplexity and sparsity before / after, the loss curve); its variant key includes the recover key.
+``evaluation/zero_shot.json`` as documents; the alpha search's curve), the pruned variant registered as a new
+version with lineage tags and the alias moved to it: with ``registry.storage: masks`` (the default) a pyfunc model
+holding only the bitmask (+ the changed survivors) over the base checkpoint, which is logged once per content
+(:mod:`pipeline.mask_registry`); with ``dense`` the whole checkpoint (transformers flavor). A recovered variant
+registers the recovered checkpoint instead, with what :mod:`pipeline.recovery_logging` adds (tag
+``dlp.recovered=true``, its settings, perplexity and sparsity before / after, the loss curve); its variant key
+includes the recover key.
 """
 
 from __future__ import annotations
@@ -251,6 +254,8 @@ def _log_variant(cfg: Any, spec: StoreSpec, stages: VariantStages, vkey: str, ne
         documents=variant_documents(cfg, stages),
         extra_artifacts=_extra_artifacts(spec, stages, tmp) if new else None,
         extra_tags={"dlp.job_name": cfg.name} if cfg.name else None,
+        storage=cfg.registry.storage, base_dir=stages.model.ref.path if new else None,
+        base_source=stages.model.ref.source,
     )
     return Registration.model_validate(logged)
 
