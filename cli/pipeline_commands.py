@@ -96,6 +96,17 @@ def _preflight(cfg) -> None:
 
     run_preflight(cfg)
     _check_data(cfg)
+    _check_quantization(cfg)
+
+
+def _check_quantization(cfg) -> None:
+    """A local model folder's config against the ``quantization:`` settings (group size vs in_features) before
+    Prefect starts; other sources are checked by the flow right after fetch, still before any weight is loaded."""
+    folder = Path(cfg.model.source).expanduser()
+    if cfg.quantization is not None and (folder / "config.json").is_file():
+        from pipeline.stages.quantize import check_quantization
+
+        check_quantization(cfg, folder)
 
 
 def _check_data(cfg) -> None:

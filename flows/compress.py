@@ -1,6 +1,9 @@
 """The ``compress`` flow: one job, end to end, resumable.
 
-    fetch -> calibration -> statistics -> rates -> prune -> baseline (dense) + evaluate -> register
+    fetch -> calibration -> statistics -> rates -> prune [-> quantize] -> baseline (dense) + evaluate -> register
+
+The optional ``quantize`` stage (job section ``quantization:``) takes the latest checkpoint and replaces it:
+evaluate and register then see the quantized checkpoint (evaluated on its load-back).
 
 Every stage is a thin Prefect task (``tasks/``) over its work in :mod:`pipeline.stages`; they pass small typed
 results (:mod:`pipeline.results`: manifest URI, sha256, key figures), never models or tensors. Big things live in the artifact store (``<workdir>/artifacts`` or
@@ -22,18 +25,20 @@ from prefect import flow
 from pipeline.cache import stage_logger
 from pipeline.jobconfig import resolve_job
 from pipeline.stage_inputs import model_settings, prune_params, rates_inputs, resolve_dtype, store_spec
-from pipeline.stages.evaluate import evaluation_spec
+from pipeline.stages.evaluate import checkpoint_target, evaluation_spec
+from pipeline.stages.quantize import check_quantization, quantize_params
 from pipeline.summary import stage_record, summarize
 from tasks.evaluate import baseline_task, evaluate_task
 from tasks.fetch import fetch_task
 from tasks.prune import prune_task
+from tasks.quantize import quantize_task
 from tasks.rates import rates_task
 from tasks.register import register_task
 from tasks.statistics import calibration_task, statistics_task
 
 log = logging.getLogger("dlp.pipeline")
 
-STAGES = ("fetch", "calibration", "statistics", "rates", "prune", "baseline", "evaluate", "register")
+STAGES = ("fetch", "calibration", "statistics", "rates", "prune", "quantize", "baseline", "evaluate", "register")
 
 __all__ = ["STAGES", "call_stage", "compress", "prepare"]
 
@@ -62,6 +67,8 @@ def prepare(cfg, stages: dict[str, Any]):
                        revision=cfg.model.revision)
     resolve_dtype(cfg, model)
     logger.info("preflight: %s", check_disk_for_model(cfg, model.ref.path, cfg.model.dtype))
+    if cfg.quantization is not None:  # the model's config only: fails before any weight is loaded
+        logger.info("preflight: %s", check_quantization(cfg, model.ref.path))
     settings = model_settings(cfg)
     c = cfg.calibration
     calib = call_stage(calibration_task, stages, "calibration", store=store, model=model,
@@ -93,12 +100,17 @@ def compress(job: dict | None = None, job_file: str | None = None, overrides: di
                        **rates_inputs(cfg, calib))
     pruned = call_stage(prune_task, stages, "prune", store=store, model=model, calib=calib,
                         stats=stats, rates=rates, params=prune_params(cfg))
-    evaluation = call_stage(evaluate_task, stages, "evaluate", store=store,
-                            target={"kind": "pruned", "prune": pruned, "model": model}, spec=espec)
+    final = pruned  # the latest checkpoint: each optional stage after prune takes it and replaces it
+    quantized = None
+    if cfg.quantization is not None:
+        final = quantized = call_stage(quantize_task, stages, "quantize", store=store, model=model, calib=calib,
+                                       source=final, params=quantize_params(cfg))
+    evaluation = call_stage(evaluate_task, stages, "evaluate", store=store, target=checkpoint_target(final, model),
+                            spec=espec)
     registered = call_stage(register_task, stages, "register", store=store, job=cfg.model_dump(mode="json"),
                             model=model, calib=calib, stats=stats, rates=rates, prune=pruned, evaluation=evaluation,
-                            baseline=baseline)
-    summary = summarize(cfg, model, rates, pruned, evaluation, baseline, registered, stages)
+                            baseline=baseline, quantize=quantized)
+    summary = summarize(cfg, model, rates, pruned, evaluation, baseline, registered, stages, quantize=quantized)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     logger.info("compress: done in %.1fs -- %s version %s (dense ppl %s, pruned ppl %s, sparsity %.4f)",
                 summary["seconds"], summary["registered_name"], summary["version"], _fmt(summary["dense_ppl"]),

@@ -56,6 +56,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "rates": 1,
     "alpha-candidates": 1,  # one proxy value of the alpha search (pipeline.stages.rates.StoredCandidates)
     "prune": 1,
+    "quantize": 1,
     "perplexity": 1,
     "zero_shot": 1,
     "evaluate": 1,

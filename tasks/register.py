@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.results import CalibrationResult, EvaluationResult, FetchResult, PruneResult, RatesResult, StatisticsResult
+from pipeline.results import (CalibrationResult, EvaluationResult, FetchResult, PruneResult, QuantizeResult, RatesResult,
+                              StatisticsResult)
 from pipeline.stages.register import VariantStages, register_variant
 from tasks.stage import as_state, stage_task
 
@@ -14,6 +15,7 @@ from tasks.stage import as_state, stage_task
 @stage_task("register", retry_delay_seconds=3)
 def register_task(store: dict[str, Any], job: dict[str, Any], model: FetchResult, calib: CalibrationResult,
                   stats: StatisticsResult, rates: RatesResult, prune: PruneResult, evaluation: EvaluationResult,
-                  baseline: EvaluationResult | None, stage_seconds: dict[str, float] | None = None):
-    stages = VariantStages(model, calib, stats, rates, prune, evaluation, baseline)
+                  baseline: EvaluationResult | None, stage_seconds: dict[str, float] | None = None,
+                  quantize: QuantizeResult | None = None):
+    stages = VariantStages(model, calib, stats, rates, prune, evaluation, baseline, quantize)
     return as_state(register_variant(store, job, stages, stage_seconds))

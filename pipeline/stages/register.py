@@ -27,6 +27,7 @@ from pipeline.results import (
     EvaluationResult,
     FetchResult,
     PruneResult,
+    QuantizeResult,
     RatesResult,
     RegisterResult,
     Registration,
@@ -37,8 +38,10 @@ from pipeline.results import (
 _REGISTER_LOCK = threading.Lock()  # one registration at a time per process (SQLite registry, fluent MLflow API)
 
 
-def variant_key(prune: PruneResult, evaluation: EvaluationResult) -> str:
-    return content_key("variant", prune=prune.key, evaluation=evaluation.key)
+def variant_key(prune: PruneResult, evaluation: EvaluationResult, quantize: QuantizeResult | None = None) -> str:
+    """The prune key + the evaluation key (+ the quantize key of a quantized variant)."""
+    extra = {"quantize": quantize.key} if quantize is not None else {}
+    return content_key("variant", prune=prune.key, evaluation=evaluation.key, **extra)
 
 
 def _ppl_metrics(evaluation: EvaluationResult, baseline: EvaluationResult | None) -> dict[str, float]:
@@ -80,17 +83,33 @@ def variant_metrics(
     evaluation: EvaluationResult,
     baseline: EvaluationResult | None,
     stage_seconds: Mapping[str, float | None] | None = None,
+    quantize: QuantizeResult | None = None,
 ) -> dict[str, float]:
-    """Sparsity, perplexity (pruned, dense, delta, ratio), zero-shot (with deltas to dense), stage seconds."""
+    """Sparsity, perplexity (the variant's -- named ``ppl.pruned`` for every variant --, dense, delta, ratio),
+    zero-shot (with deltas to dense), a quantized variant's figures, stage seconds."""
     m: dict[str, float] = {
         "sparsity.achieved": float(prune.achieved_sparsity),
         "sparsity.target": float(sum(prune.target_per_block) / len(prune.target_per_block)),
     }
     m.update(_ppl_metrics(evaluation, baseline))
     m.update(_zero_shot_metrics(evaluation.zero_shot or {}, (baseline.zero_shot if baseline else None) or {}))
+    m.update(quantize_metrics(quantize, evaluation))
     for stage, secs in (stage_seconds or {}).items():
         if secs is not None:
             m[f"time.{stage}_s"] = float(secs)
+    return m
+
+
+def quantize_metrics(q: QuantizeResult | None, evaluation: EvaluationResult) -> dict[str, float]:
+    """``quant.*``, ``bytes_on_disk*`` and ``sparsity.loaded_back`` of a quantized variant (empty otherwise)."""
+    if q is None:
+        return {}
+    m = {"quant.bits": float(q.bits), "quant.group_size": float(q.group_size), "bytes_on_disk": float(q.bytes_on_disk),
+         "bytes_on_disk.parent": float(q.parent_bytes), "bytes_on_disk.ratio": q.bytes_on_disk / max(q.parent_bytes, 1),
+         "sparsity.loaded_back": float(q.sparsity_loaded),
+         "sparsity.zeros_kept": float(q.zeros_loaded == q.zeros_parent)}
+    if evaluation.ppl is not None:
+        m["ppl.quantized"] = float(evaluation.ppl)
     return m
 
 
@@ -111,6 +130,8 @@ def recorded_stage_seconds(stages: "VariantStages") -> dict[str, float | None]:
     """The recorded compute time of each stage's artifact (stable across reruns)."""
     s = stages
     seconds: dict[str, float | None] = {r.stage: r.recorded_seconds for r in (s.calib, s.stats, s.rates, s.prune)}
+    if s.quantize is not None:
+        seconds["quantize"] = s.quantize.recorded_seconds
     for label, ev in (("evaluate", s.evaluation), ("baseline", s.baseline)):
         if ev:
             seconds[label] = sum(float(p.recorded_seconds or 0.0) for p in ev.parts.values())
@@ -136,8 +157,20 @@ def variant_lineage(cfg: Any, stages: "VariantStages") -> dict[str, Any]:
         "statistic_requested": p.statistic if searched else None,
         "pattern": p.pattern,
         "calibration_fingerprint": stages.calib.fingerprint,
-        "artifact_uri": stages.prune.uri,
+        "artifact_uri": stages.final.uri,
+        **quantize_lineage(stages),
     }
+
+
+def quantize_lineage(stages: "VariantStages") -> dict[str, Any]:
+    """A quantized variant's tags naming its pruned parent (prune key, checkpoint URI and sha256) and itself."""
+    q = stages.quantize
+    if q is None:
+        return {}
+    return {"quantized": True, "quantize_key": q.key, "quant_method": q.method, "quant_bits": q.bits,
+            "quant_group_size": q.group_size, "prune_key": stages.prune.key, "parent_stage": q.parent_stage,
+            "parent_key": q.parent_key, "parent_artifact_uri": stages.prune.uri,
+            "parent_sha256": stages.prune.manifest.sha256 if stages.prune.manifest else None}
 
 
 def _manifests(results: Mapping[str, StageResult]) -> dict[str, Any]:
@@ -147,7 +180,8 @@ def _manifests(results: Mapping[str, StageResult]) -> dict[str, Any]:
 def variant_documents(cfg: Any, stages: "VariantStages") -> dict[str, Any]:
     """The job YAML, the pipeline manifests and the zero-shot reports, by artifact file."""
     s = stages
-    manifests: dict[str, Any] = _manifests({r.stage: r for r in (s.model, s.calib, s.stats, s.rates, s.prune)})
+    results = (s.model, s.calib, s.stats, s.rates, s.prune) + ((s.quantize,) if s.quantize is not None else ())
+    manifests: dict[str, Any] = _manifests({r.stage: r for r in results})
     manifests["evaluate"] = _manifests(s.evaluation.parts)
     if s.baseline:
         manifests["baseline"] = _manifests(s.baseline.parts)
@@ -188,6 +222,12 @@ class VariantStages:
     prune: PruneResult
     evaluation: EvaluationResult
     baseline: EvaluationResult | None
+    quantize: QuantizeResult | None = None
+
+    @property
+    def final(self) -> StageResult:
+        """The registered checkpoint: the latest one (quantized when the job quantizes)."""
+        return self.quantize if self.quantize is not None else self.prune
 
 
 def _log_variant(cfg: Any, spec: StoreSpec, stages: VariantStages, vkey: str, new: bool,
@@ -198,9 +238,9 @@ def _log_variant(cfg: Any, spec: StoreSpec, stages: VariantStages, vkey: str, ne
     rates, found, workdir = stages.rates, stages.rates.alpha_search, cfg.workdir_path
     logged = registry.log_variant_run(
         registered_name=cfg.registry.model_name, variant_key=vkey,
-        checkpoint_dir=materialize(spec, stages.prune.manifest) if new else workdir,  # not read when registered
+        checkpoint_dir=materialize(spec, stages.final.manifest) if new else workdir,  # not read when registered
         params=cfg.model_dump(mode="json"),
-        metrics={**variant_metrics(stages.prune, stages.evaluation, stages.baseline, stage_seconds),
+        metrics={**variant_metrics(stages.prune, stages.evaluation, stages.baseline, stage_seconds, stages.quantize),
                  **search_metrics(found)},
         block_sparsity=stages.prune.achieved_per_block, block_target=rates.ratios,
         block_statistic=rates.block_statistic, statistic_name=rates.statistic_name,
@@ -224,7 +264,7 @@ def register_variant(store: StoreSpec | Mapping[str, Any], job: Mapping[str, Any
 
     spec, cfg = StoreSpec.of(store), JobConfig.model_validate(dict(job))
     seconds = recorded_stage_seconds(stages) if stage_seconds is None else stage_seconds
-    vkey = variant_key(stages.prune, stages.evaluation)
+    vkey = variant_key(stages.prune, stages.evaluation, stages.quantize)
     t0 = time.perf_counter()
     with stage_lock(spec, "register", vkey), _REGISTER_LOCK, tempfile.TemporaryDirectory(prefix="dlp-register-") as tmp:
         client = registry.get_client(cfg.registry.tracking_uri, cfg.workdir_path)
