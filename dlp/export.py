@@ -146,17 +146,17 @@ def load_dequantized(folder: str | Path, dtype: torch.dtype | None = None):
 _WRITTEN = ("config.json", "generation_config.json", "model.safetensors.index.json")
 
 
-def dequantize_folder(folder: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+def dequantize_folder(folder: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     """Write the load-back of a compressed-tensors checkpoint (:func:`load_dequantized`) as a plain dense
     Hugging Face folder ``out`` -- no ``quantization_config``, tokenizer and report copied -- so tools that
-    read safetensors block by block (:mod:`dlp.streaming`) evaluate exactly what transformers loads."""
+    read safetensors block by block (:mod:`dlp.streaming`) evaluate exactly what transformers loads.
+    Returns the loaded-back model."""
     folder, out = Path(folder), Path(out)
     model = load_dequantized(folder, dtype)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
-    del model
     for item in folder.iterdir():
         if item.is_file() and item.suffix != ".safetensors" and item.name not in _WRITTEN:
             shutil.copy2(item, out / item.name)
-    return out
+    return model
 

@@ -83,11 +83,13 @@ def run_quantize(store: StoreSpec | Mapping[str, Any], model: FetchResult, calib
 
     def compute(st):
         t0 = time.perf_counter()
-        out = spec.scratch / "tmp" / f"quantized-{key[:16]}"
-        shutil.rmtree(out, ignore_errors=True)
-        figures = _quantize_export(spec, key, out, model, calib, source, params)
+        out, back = (spec.scratch / "tmp" / f"{name}-{key[:16]}" for name in ("quantized", "loaded-back"))
+        for folder in (out, back):
+            shutil.rmtree(folder, ignore_errors=True)
+        figures = _quantize_export(spec, key, out, back, model, calib, source, params)
         hook("quantize", "save")
         put = st.put_dir(out, artifact_key)
+        _seed_loaded_back(spec, put.sha256, back)  # evaluation reads it: no second load-back
         seed_materialized(spec, put, out)
         shutil.rmtree(out, ignore_errors=True)
         return put, {**figures, "compute_seconds": round(time.perf_counter() - t0, 3)}
@@ -95,9 +97,10 @@ def run_quantize(store: StoreSpec | Mapping[str, Any], model: FetchResult, calib
     return run_cached(spec, "quantize", key, artifact_key, compute).typed(QuantizeResult)
 
 
-def _quantize_export(spec: StoreSpec, key: str, out: Path, model: FetchResult, calib: CalibrationResult,
+def _quantize_export(spec: StoreSpec, key: str, out: Path, back: Path, model: FetchResult, calib: CalibrationResult,
                      source: StageResult, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Quantize the parent checkpoint, export it to ``out``, load it back and count its zeros."""
+    """Quantize the parent checkpoint, export it to ``out``, load it back (written densely to ``back``) and
+    count its zeros."""
     from dlp import export
     from dlp.models import DTYPES, ModelRef, load_model, resolve_device
     from dlp.quantize import block_zeros, quantize
@@ -120,7 +123,7 @@ def _quantize_export(spec: StoreSpec, key: str, out: Path, model: FetchResult, c
               "calibration": {"fingerprint": calib.fingerprint, "windows": int(windows.shape[0])} if gptq else None}
     info = export.export_compressed(net, tok, result, out, dtype=scale_dtype, report=report)
     del net
-    zeros, total = block_zeros(export.load_dequantized(out))
+    zeros, total = block_zeros(export.dequantize_folder(out, back))
     if zeros != result.zeros_before or total != result.total:
         raise RuntimeError(f"quantize: the loaded-back checkpoint has {zeros} zero weights of {total}, the parent "
                            f"{result.zeros_before} of {result.total}; the zeros must survive exactly")
@@ -136,6 +139,22 @@ def _quantize_export(spec: StoreSpec, key: str, out: Path, model: FetchResult, c
             "engine_seconds": round(result.seconds, 3)}
 
 
+def _loaded_back_paths(spec: StoreSpec, sha256: str) -> tuple[Path, Path, Path]:
+    root = spec.scratch / "loaded-back" / sha256[:32]
+    return root, root / "checkpoint", root / ".complete"
+
+
+def _seed_loaded_back(spec: StoreSpec, sha256: str, folder: Path) -> None:
+    """Keep the stage's own load-back as the artifact's dense copy (what :func:`loaded_back` would write)."""
+    root, target, stamp = _loaded_back_paths(spec, sha256)
+    with stage_lock(spec, "loaded-back", sha256):
+        stamp.unlink(missing_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(folder), str(target))
+        stamp.write_text(sha256)
+
+
 def loaded_back(spec: StoreSpec | Mapping[str, Any], manifest: Manifest | Mapping[str, Any]) -> Path:
     """A dense folder holding what transformers loads from the quantized checkpoint (module docstring), written
     once into ``<workdir>/cache/loaded-back/<sha256>/`` and reused while its stamp names the artifact's sha256."""
@@ -143,8 +162,7 @@ def loaded_back(spec: StoreSpec | Mapping[str, Any], manifest: Manifest | Mappin
 
     spec = StoreSpec.of(spec)
     m = manifest if isinstance(manifest, Manifest) else Manifest.model_validate(dict(manifest))
-    root = spec.scratch / "loaded-back" / m.sha256[:32]
-    target, stamp = root / "checkpoint", root / ".complete"
+    root, target, stamp = _loaded_back_paths(spec, m.sha256)
     with stage_lock(spec, "loaded-back", m.sha256):
         if stamp.is_file() and stamp.read_text().strip() == m.sha256 and target.is_dir():
             return target
