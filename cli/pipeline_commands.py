@@ -155,6 +155,12 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append(f"{'':<20} {'dense':>10} {'pruned':>10}")
     lines.append(f"{'perplexity':<20} {_fmt(dense):>10} {_fmt(pruned):>10}")
     lines.append(f"{'sparsity':<20} {'0':>10} {_fmt(s['achieved_sparsity'], 4):>10}   (target {s['target_sparsity']:g})")
+    q = s.get("quantization")
+    if q:
+        lines.append(f"quantized: W{q['bits']}A16, group {q['group_size']}, {q['method']} -- "
+                     f"{q['bytes_on_disk'] / 2**20:.1f} MiB on disk vs {q['parent_bytes'] / 2**20:.1f} MiB pruned; "
+                     f"{q['zeros_loaded']} zeros after loading back (pruned: {q['zeros_parent']}); perplexity above is "
+                     "the quantized model's")
     found = s.get("alpha_search")
     if found:
         uni = found.get("uniform_proxy")
