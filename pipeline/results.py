@@ -125,8 +125,10 @@ class QuantizeResult(StageResult):
     zeros_loaded: int  # ... of the checkpoint loaded back through transformers (equal, or the stage fails)
     weights_total: int
     sparsity_loaded: float
-    parent_stage: str
+    parent_stage: str  # the checkpoint it quantized: prune's (or a later stage's)
     parent_key: str
+    parent_uri: str | None = None
+    parent_sha256: str | None = None
 
 
 class EvaluationResult(StageResult):

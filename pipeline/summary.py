@@ -76,6 +76,6 @@ def _quantization(q: QuantizeResult | None, prune: PruneResult) -> dict[str, Any
     if q is None:
         return None
     keep = ("bits", "group_size", "method", "compensation", "export_dtype", "bytes_on_disk", "parent_bytes",
-            "zeros_parent", "zeros_loaded", "weights_total", "sparsity_loaded")
-    return {**{k: getattr(q, k) for k in keep}, "key": q.key, "parent_key": q.parent_key,
-            "parent_uri": prune.uri if q.parent_key == prune.key else None}
+            "zeros_parent", "zeros_loaded", "weights_total", "sparsity_loaded", "parent_stage", "parent_key",
+            "parent_uri")
+    return {**{k: getattr(q, k) for k in keep}, "key": q.key, "prune_key": prune.key}

@@ -58,7 +58,7 @@ def test_quantized_variant_keeps_the_zeros_and_names_its_parent(quantized):
     tags = version.tags
     assert tags["dlp.quantized"] == "True" and tags["dlp.quantize_key"] == q["key"]
     assert tags["dlp.prune_key"] == q["parent_key"] == pruned.parent.name  # prune/<key>/checkpoint
-    assert tags["dlp.parent_artifact_uri"] == s["stages"]["prune"]["uri"] and tags["dlp.artifact_uri"] == s["checkpoint_uri"]
+    assert tags["dlp.parent_artifact_uri"] == q["parent_uri"] == s["stages"]["prune"]["uri"] and tags["dlp.artifact_uri"] == s["checkpoint_uri"]
     metrics = client.get_run(version.run_id).data.metrics
     assert metrics["sparsity.loaded_back"] == q["sparsity_loaded"] and metrics["sparsity.zeros_kept"] == 1.0
     assert metrics["bytes_on_disk"] == q["bytes_on_disk"] and metrics["quant.bits"] == 4.0

@@ -135,6 +135,7 @@ def _quantize_export(spec: StoreSpec, key: str, out: Path, back: Path, model: Fe
             "bytes_on_disk": info.bytes_on_disk, "parent_bytes": export.weight_bytes(parent),
             "zeros_parent": result.zeros_before, "zeros_loaded": zeros, "weights_total": total,
             "sparsity_loaded": zeros / max(total, 1), "parent_stage": source.stage, "parent_key": source.key,
+            "parent_uri": source.uri, "parent_sha256": source.manifest.sha256,
             "quantized_linears": len(result.scales), "block_passes": result.block_passes,
             "engine_seconds": round(result.seconds, 3)}
 

@@ -169,8 +169,7 @@ def quantize_lineage(stages: "VariantStages") -> dict[str, Any]:
         return {}
     return {"quantized": True, "quantize_key": q.key, "quant_method": q.method, "quant_bits": q.bits,
             "quant_group_size": q.group_size, "prune_key": stages.prune.key, "parent_stage": q.parent_stage,
-            "parent_key": q.parent_key, "parent_artifact_uri": stages.prune.uri,
-            "parent_sha256": stages.prune.manifest.sha256 if stages.prune.manifest else None}
+            "parent_key": q.parent_key, "parent_artifact_uri": q.parent_uri, "parent_sha256": q.parent_sha256}
 
 
 def _manifests(results: Mapping[str, StageResult]) -> dict[str, Any]:
