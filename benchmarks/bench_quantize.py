@@ -33,6 +33,10 @@ SWEEP = [(m, p) for m in ("magnitude", "wanda", "sparsegpt") for p in (0.6, 0.7)
 RUNS = [(4, "gptq", "exact"), (4, "gptq", "shared"), (4, "rtn", None), (8, "gptq", "exact"), (8, "rtn", None)]
 
 
+def _name(bits: int, method: str, compensation: str | None) -> str:
+    return f"q{bits}-{method}" + (f"-{compensation}" if compensation else "")
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -66,8 +70,9 @@ def quantized_rows(work: Path, pruned: Path, windows, ids, args) -> list[dict]:
     ppl_before = perplexity(model, ids, 2048, max_windows=args.windows)["ppl"]
     log(f"pruned model: perplexity {ppl_before:.2f}")
     rows = []
-    for bits, method, compensation in RUNS:
-        name = f"q{bits}-{method}" + (f"-{compensation}" if compensation else "")
+    runs = [r for r in RUNS if args.runs is None or _name(*r) in args.runs.split(",")]
+    for bits, method, compensation in runs:
+        name = _name(bits, method, compensation)
         done = work / "rows" / f"{name}.json"
         if done.exists():  # measured by an earlier run over the same pruned model
             rows.append(json.loads(done.read_text()))
@@ -121,6 +126,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16, help="WikiText-2 windows of 2048 tokens")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--no-sweep", action="store_true", help="only Wanda + DLP 70 %% and its quantized checkpoints")
+    ap.add_argument("--runs", default=None, help="comma-separated subset of " + ",".join(_name(*r) for r in RUNS))
     args = ap.parse_args()
     from dlp import data, export, models
     from dlp.statistics import collect_statistics
