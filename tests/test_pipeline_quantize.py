@@ -81,6 +81,9 @@ def test_rerun_serves_quantize_from_the_store(quantized, monkeypatch):
     assert s2["stages"]["quantize"]["state"] == "Cached" and s2["stages"]["evaluate"]["state"] == "Cached"
     assert s2["version"] == s1["version"] and s2["variant_key"] == s1["variant_key"]
     assert s2["quantization"] == s1["quantization"] and s2["pruned_ppl"] == s1["pruned_ppl"]
+    from cli.pipeline_commands import format_summary
+
+    assert "quantized: W4A16, group 32, gptq" in format_summary(s2)
 
 
 @pytest.mark.parametrize("setting, needle", [
