@@ -136,8 +136,9 @@ def main() -> None:
     base, tok, ref = models.load_model("smollm2-135m")
     windows = data.calibration_windows(tok, data.load_text("c4"), 32, 512, 0)
     ids = data.evaluation_tokens(tok, data.load_text("wikitext2"))
-    stats = collect_statistics(base, windows)
     sweep = [("wanda", 0.7)] if args.no_sweep else SWEEP
+    done = all((args.work / f"{m}-dlp{int(p * 100)}" / "config.json").exists() for m, p in sweep)
+    stats = None if done else collect_statistics(base, windows)  # only the pruning reads them
     variants = [pruned_variant(args.work, base, tok, windows, stats, m, p) for m, p in sweep]
     bf16 = args.work / "dense-bf16"
     if not (bf16 / "config.json").exists():
