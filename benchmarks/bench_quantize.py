@@ -2,7 +2,7 @@
 8-bit weights through GPTQ (mask-preserving) and round-to-nearest, exported as compressed-tensors checkpoints;
 and a 6-variant sweep stored as masks over the base instead of dense copies.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_quantize.py [--work .dlp-work/bench-quantize] [--json out.json]
+    nice -n 10 .venv/bin/python benchmarks/bench_quantize.py [--work .dlp-work/bench-quantize] [--json out.json] [--no-sweep]
 
 Prints, per quantized checkpoint: bytes on disk vs the dense checkpoint (float32 as bundled, and bfloat16),
 WikiText-2 perplexity after loading the checkpoint back (first 16 windows of 2048 tokens) vs the pruned
@@ -31,6 +31,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 SWEEP = [(m, p) for m in ("magnitude", "wanda", "sparsegpt") for p in (0.6, 0.7)]
 #: (bits, method, GPTQ compensation)
 RUNS = [(4, "gptq", "exact"), (4, "gptq", "shared"), (4, "rtn", None), (8, "gptq", "exact"), (8, "rtn", None)]
+
+
+def _name(bits: int, method: str, compensation: str | None) -> str:
+    return f"q{bits}-{method}" + (f"-{compensation}" if compensation else "")
 
 
 def log(msg: str) -> None:
@@ -66,8 +70,9 @@ def quantized_rows(work: Path, pruned: Path, windows, ids, args) -> list[dict]:
     ppl_before = perplexity(model, ids, 2048, max_windows=args.windows)["ppl"]
     log(f"pruned model: perplexity {ppl_before:.2f}")
     rows = []
-    for bits, method, compensation in RUNS:
-        name = f"q{bits}-{method}" + (f"-{compensation}" if compensation else "")
+    runs = [r for r in RUNS if args.runs is None or _name(*r) in args.runs.split(",")]
+    for bits, method, compensation in runs:
+        name = _name(bits, method, compensation)
         done = work / "rows" / f"{name}.json"
         if done.exists():  # measured by an earlier run over the same pruned model
             rows.append(json.loads(done.read_text()))
@@ -120,6 +125,8 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--windows", type=int, default=16, help="WikiText-2 windows of 2048 tokens")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-sweep", action="store_true", help="only Wanda + DLP 70 %% and its quantized checkpoints")
+    ap.add_argument("--runs", default=None, help="comma-separated subset of " + ",".join(_name(*r) for r in RUNS))
     args = ap.parse_args()
     from dlp import data, export, models
     from dlp.statistics import collect_statistics
@@ -129,8 +136,10 @@ def main() -> None:
     base, tok, ref = models.load_model("smollm2-135m")
     windows = data.calibration_windows(tok, data.load_text("c4"), 32, 512, 0)
     ids = data.evaluation_tokens(tok, data.load_text("wikitext2"))
-    stats = collect_statistics(base, windows)
-    variants = [pruned_variant(args.work, base, tok, windows, stats, m, p) for m, p in SWEEP]
+    sweep = [("wanda", 0.7)] if args.no_sweep else SWEEP
+    done = all((args.work / f"{m}-dlp{int(p * 100)}" / "config.json").exists() for m, p in sweep)
+    stats = None if done else collect_statistics(base, windows)  # only the pruning reads them
+    variants = [pruned_variant(args.work, base, tok, windows, stats, m, p) for m, p in sweep]
     bf16 = args.work / "dense-bf16"
     if not (bf16 / "config.json").exists():
         copy.deepcopy(base).to(torch.bfloat16).save_pretrained(bf16)
@@ -138,7 +147,7 @@ def main() -> None:
     del base
     result = {"dense_bytes": dense, "group_size": args.group_size,
               "quantized": quantized_rows(args.work, args.work / "wanda-dlp70", windows, ids, args),
-              "sweep": sweep_rows(args.work, Path(ref.path), variants)}
+              "sweep": [] if args.no_sweep else sweep_rows(args.work, Path(ref.path), variants)}
     print_tables(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
@@ -152,6 +161,8 @@ def print_tables(result: dict) -> None:
         print(f"{r['name']:<20} {r['bytes'] / 2**20:>7.1f} {r['bytes'] / d32:>7.3f} {r['bytes'] / d16:>8.3f} {r['ppl']:>9.2f} "
               f"{r['ppl_before']:>9.2f} {r['sparsity_loaded']:>9.4f} {str(r['sparsity_equal']):>6} {r['seconds']:>6.0f}")
     sweep = result["sweep"]
+    if not sweep:
+        return
     dense_total, stored_total = sum(r["dense"] for r in sweep), sum(r["stored"] for r in sweep)
     print(f"\n{'variant':<16} {'dense MiB':>10} {'stored MiB':>11} {'ratio':>7} {'bit-exact':>10}")
     for r in sweep:

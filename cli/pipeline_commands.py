@@ -97,6 +97,7 @@ def _preflight(cfg) -> None:
     run_preflight(cfg)
     _check_data(cfg)
     _check_recovery(cfg)
+    _check_quantization(cfg)
 
 
 def _check_recovery(cfg) -> None:
@@ -109,6 +110,16 @@ def _check_recovery(cfg) -> None:
     if cfg.recovery is None or not (source in BUNDLED or Path(source).expanduser().is_dir()):
         return
     check_recovery(recovery_params(cfg), resolve_model(source).path)
+
+
+def _check_quantization(cfg) -> None:
+    """A local model folder's config against the ``quantization:`` settings (group size vs in_features) before
+    Prefect starts; other sources are checked by the flow right after fetch, still before any weight is loaded."""
+    folder = Path(cfg.model.source).expanduser()
+    if cfg.quantization is not None and (folder / "config.json").is_file():
+        from pipeline.stages.quantize import check_quantization
+
+        check_quantization(cfg, folder)
 
 
 def _check_data(cfg) -> None:
@@ -157,6 +168,12 @@ def format_summary(s: dict[str, Any]) -> str:
     lines.append(f"{'':<20} {'dense':>10} {'pruned':>10}")
     lines.append(f"{'perplexity':<20} {_fmt(dense):>10} {_fmt(pruned):>10}")
     lines.append(f"{'sparsity':<20} {'0':>10} {_fmt(s['achieved_sparsity'], 4):>10}   (target {s['target_sparsity']:g})")
+    q = s.get("quantization")
+    if q:
+        lines.append(f"quantized: W{q['bits']}A16, group {q['group_size']}, {q['method']} -- "
+                     f"{q['bytes_on_disk'] / 2**20:.1f} MiB on disk vs {q['parent_bytes'] / 2**20:.1f} MiB pruned; "
+                     f"{q['zeros_loaded']} zeros after loading back (pruned: {q['zeros_parent']}); perplexity above is "
+                     "the quantized model's")
     found = s.get("alpha_search")
     if found:
         uni = found.get("uniform_proxy")

@@ -98,6 +98,9 @@ QUANT_BITS = (4, 8)  # the integer widths compressed-tensors packs and vLLM's W4
 GROUP_SIZE = Range("group size", 1, None, why="inputs per quantization scale; must divide every linear's in_features")
 DEFAULT_QUANT_BITS = 4
 DEFAULT_GROUP_SIZE = 128
+QUANT_METHODS = ("gptq", "rtn")  # GPTQ (calibrated, mask kept) | round-to-nearest (no data)
+QUANT_COMPENSATIONS = ("exact", "shared")  # GPTQ's solvers (dlp.gptq)
+QUANT_EXPORT_DTYPES = ("bfloat16", "float16", "float32")  # scales and unquantized tensors of the export
 
 
 def check_quant(bits: Any, group_size: Any) -> None:

@@ -51,12 +51,18 @@ def outside_linears(model: nn.Module) -> list[str]:
 
 
 def compressed_state_dict(model: nn.Module, result: QuantResult, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The model's state dict with each quantized linear packed by compressed-tensors, the rest in ``dtype``."""
+    """The model's state dict with each quantized linear packed by compressed-tensors, the rest in ``dtype``;
+    tied weights once (the first name, as ``save_pretrained`` keeps them)."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 
     scheme = quantization_config(result, []).config_groups["group_0"]
     out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...]]] = set()
     for name, tensor in model.state_dict().items():
+        same = (tensor.data_ptr(), tuple(tensor.shape))
+        if tensor.numel() and same in seen:
+            continue  # a tied weight (lm_head = embed_tokens): stored once, tied again on load as save_pretrained does
+        seen.add(same)
         if name in result.scales:
             module = name.removesuffix("weight")
             scale = result.scales[name].to(dtype)
@@ -134,3 +140,23 @@ def load_dequantized(folder: str | Path, dtype: torch.dtype | None = None):
         model = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=CompressedTensorsConfig(dequantize=True),
                                                      use_safetensors=True, dtype=dtype or "auto")
     return model.eval()
+
+
+#: files of a compressed checkpoint that :func:`dequantize_folder` writes itself
+_WRITTEN = ("config.json", "generation_config.json", "model.safetensors.index.json")
+
+
+def dequantize_folder(folder: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """Write the load-back of a compressed-tensors checkpoint (:func:`load_dequantized`) as a plain dense
+    Hugging Face folder ``out`` -- no ``quantization_config``, tokenizer and report copied -- so tools that
+    read safetensors block by block (:mod:`dlp.streaming`) evaluate exactly what transformers loads.
+    Returns the loaded-back model."""
+    folder, out = Path(folder), Path(out)
+    model = load_dequantized(folder, dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out), safe_serialization=True)
+    for item in folder.iterdir():
+        if item.is_file() and item.suffix != ".safetensors" and item.name not in _WRITTEN:
+            shutil.copy2(item, out / item.name)
+    return model
+

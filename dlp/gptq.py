@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import torch
 
+from .bounds import QUANT_COMPENSATIONS
 from .obs import DEFAULT_PERCDAMP, dampen, inverse_factor
 from .qgrid import QuantSpec, Quantized, codes, group_scale
 
-COMPENSATIONS = ("exact", "shared")
+COMPENSATIONS = QUANT_COMPENSATIONS
 #: the exact solver's working set (Hessians and factors of a chunk of rows), in float32 elements
 _CHUNK_ELEMENTS = 2**26
 

@@ -25,9 +25,9 @@ from .obs import DEFAULT_PERCDAMP
 from .qgrid import QuantSpec, Quantized, codes, group_scale, rtn
 
 __all__ = ["METHODS", "COMPENSATIONS", "QuantSpec", "Quantized", "QuantResult", "quantize", "gptq", "rtn", "codes",
-           "group_scale", "check_layout", "check_folder"]
+           "group_scale", "check_layout", "check_folder", "block_zeros"]
 
-METHODS = ("gptq", "rtn")
+METHODS = bounds.QUANT_METHODS
 
 
 def check_layout(layout: DecoderLayout, spec: QuantSpec) -> None:
@@ -53,6 +53,18 @@ def check_folder(path: str, spec: QuantSpec, trust_remote_code: bool = False) ->
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     check_layout(find_decoder(skeleton), spec)
+
+def block_zeros(model: nn.Module) -> tuple[int, int]:
+    """``(exactly-zero weights, all weights)`` of the decoder blocks' linears of an in-memory model: the
+    figure that must not change through quantize -> export -> load-back."""
+    layout = find_decoder(model)
+    zeros = total = 0
+    for i in range(layout.num_blocks):
+        for lin in layout.linears(i).values():
+            zeros += int((lin.weight == 0).sum())
+            total += lin.weight.numel()
+    return zeros, total
+
 
 # ------------------------------------------------------------------ the model
 @dataclass

@@ -1,9 +1,11 @@
 """The ``compress`` flow: one job, end to end, resumable.
 
-    fetch -> calibration -> statistics -> rates -> prune [-> recover] -> baseline (dense) + evaluate -> register
+    fetch -> calibration -> statistics -> rates -> prune [-> recover] [-> quantize] -> baseline (dense) + evaluate
+    -> register
 
-The stages after prune that change the model (``recover`` when the job has a ``recovery:`` block) each take
-the current final checkpoint and return the next; evaluate and register read whichever came last.
+The stages after prune that change the model (``recover`` when the job has a ``recovery:`` block, then
+``quantize`` when it has a ``quantization:`` block) each take the current final checkpoint and return the next;
+evaluate and register read whichever came last (a quantized checkpoint is evaluated on its load-back).
 
 Every stage is a thin Prefect task (``tasks/``) over its work in :mod:`pipeline.stages`; they pass small typed
 results (:mod:`pipeline.results`: manifest URI, sha256, key figures), never models or tensors. Big things live in the artifact store (``<workdir>/artifacts`` or
@@ -25,12 +27,14 @@ from prefect import flow
 from pipeline.cache import stage_logger
 from pipeline.jobconfig import resolve_job
 from pipeline.stage_inputs import model_settings, prune_params, rates_inputs, resolve_dtype, store_spec
-from pipeline.stages.evaluate import evaluation_spec
+from pipeline.stages.evaluate import checkpoint_target, evaluation_spec
+from pipeline.stages.quantize import check_quantization, quantize_params
 from pipeline.stages.recover import check_recovery, recovery_params
 from pipeline.summary import recovery_summary, stage_record, summarize
 from tasks.evaluate import baseline_task, evaluate_task
 from tasks.fetch import fetch_task
 from tasks.prune import prune_task
+from tasks.quantize import quantize_task
 from tasks.rates import rates_task
 from tasks.recover import recover_task
 from tasks.register import register_task
@@ -41,8 +45,10 @@ log = logging.getLogger("dlp.pipeline")
 STAGES = ("fetch", "calibration", "statistics", "rates", "prune", "baseline", "evaluate", "register")
 #: the stages a job with a ``recovery:`` block adds (the pruned model's evaluation, then the LoRA recovery)
 RECOVERY_STAGES = ("evaluate_pruned", "recover")
+#: the stage a job with a ``quantization:`` block adds
+QUANTIZE_STAGES = ("quantize",)
 
-__all__ = ["RECOVERY_STAGES", "STAGES", "call_stage", "compress", "prepare"]
+__all__ = ["QUANTIZE_STAGES", "RECOVERY_STAGES", "STAGES", "call_stage", "compress", "prepare"]
 
 
 def call_stage(task_obj, stages: dict[str, Any], stage: str, **kwargs: Any) -> Any:
@@ -71,6 +77,8 @@ def prepare(cfg, stages: dict[str, Any]):
     logger.info("preflight: %s", check_disk_for_model(cfg, model.ref.path, cfg.model.dtype))
     if cfg.recovery is not None:  # bad targets / too little training text: fail before any calibration
         logger.info("preflight: %s", check_recovery(recovery_params(cfg), model.ref.path))
+    if cfg.quantization is not None:  # the model's config only: fails before any weight is loaded
+        logger.info("preflight: %s", check_quantization(cfg, model.ref.path))
     settings = model_settings(cfg)
     c = cfg.calibration
     calib = call_stage(calibration_task, stages, "calibration", store=store, model=model,
@@ -102,20 +110,21 @@ def compress(job: dict | None = None, job_file: str | None = None, overrides: di
                        **rates_inputs(cfg, calib))
     pruned = call_stage(prune_task, stages, "prune", store=store, model=model, calib=calib,
                         stats=stats, rates=rates, params=prune_params(cfg))
-    final, kind, recovered, before = pruned, "pruned", None, None  # the checkpoint evaluate + register read
+    final, recovered, before, quantized = pruned, None, None, None  # final: the checkpoint evaluate + register read
     if cfg.recovery is not None:
         before = call_stage(evaluate_task, stages, "evaluate_pruned", store=store,
-                            target={"kind": "pruned", "prune": pruned, "model": model}, spec=espec)
+                            target=checkpoint_target(pruned, model), spec=espec)
         final = recovered = call_stage(recover_task, stages, "recover", store=store, model=model, prune=pruned,
                                        params=recovery_params(cfg))
-        kind = "recovered"
-    # (a stage that compresses the final checkpoint further goes here: final = call_stage(..., prune=final))
-    evaluation = call_stage(evaluate_task, stages, "evaluate", store=store,
-                            target={"kind": kind, "prune": final, "model": model}, spec=espec)
+    if cfg.quantization is not None:
+        final = quantized = call_stage(quantize_task, stages, "quantize", store=store, model=model, calib=calib,
+                                       source=final, params=quantize_params(cfg))
+    evaluation = call_stage(evaluate_task, stages, "evaluate", store=store, target=checkpoint_target(final, model),
+                            spec=espec)
     registered = call_stage(register_task, stages, "register", store=store, job=cfg.model_dump(mode="json"),
                             model=model, calib=calib, stats=stats, rates=rates, prune=pruned, evaluation=evaluation,
-                            baseline=baseline, recover=recovered, before=before)
-    summary = summarize(cfg, model, rates, pruned, evaluation, baseline, registered, stages)
+                            baseline=baseline, recover=recovered, before=before, quantize=quantized)
+    summary = summarize(cfg, model, rates, pruned, evaluation, baseline, registered, stages, quantize=quantized)
     if recovered is not None:
         summary.update(recovery_summary(recovered, before, evaluation))
     summary["seconds"] = round(time.perf_counter() - t0, 3)

@@ -23,11 +23,13 @@ from flows.compress import prepare
 from pipeline.cache import content_key, stage_logger
 from pipeline.jobconfig import resolve_job
 from pipeline.stage_inputs import expand_variants, prune_params, rates_inputs
+from pipeline.stages.quantize import quantize_params
 from pipeline.summary import stage_record, summarize
 from pipeline.sweep_report import format_table, sweep_row
 from tasks.evaluate import evaluate_task
 from tasks.prune import prune_task
 from tasks.rates import rates_task
+from tasks.quantize import quantize_task
 from tasks.register import register_task
 from tasks.sweep_log import log_sweep_task
 
@@ -42,11 +44,17 @@ def _submit(v, shared: dict[str, Any]) -> dict[str, Any]:
     rates_f = rates_task.submit(store=store, model=model, stats=stats, **rates_inputs(v, calib))
     prune_f = prune_task.submit(store=store, model=model, calib=calib, stats=stats, rates=rates_f,
                                 params=prune_params(v))
-    eval_f = evaluate_task.submit(store=store, target={"kind": "pruned", "prune": prune_f, "model": model},
-                                  spec=shared["espec"])
-    reg_f = register_task.submit(store=store, job=v.model_dump(mode="json"), model=model, calib=calib, stats=stats,
-                                 rates=rates_f, prune=prune_f, evaluation=eval_f, baseline=shared["baseline"])
-    return {"rates": rates_f, "prune": prune_f, "evaluate": eval_f, "register": reg_f}
+    futures = {"rates": rates_f, "prune": prune_f}
+    target = {"kind": "pruned", "prune": prune_f, "model": model}
+    if v.quantization is not None:
+        futures["quantize"] = quantize_task.submit(store=store, model=model, calib=calib, source=prune_f,
+                                                   params=quantize_params(v))
+        target = {"kind": "quantized", "quantize": futures["quantize"], "model": model}
+    futures["evaluate"] = evaluate_task.submit(store=store, target=target, spec=shared["espec"])
+    futures["register"] = register_task.submit(
+        store=store, job=v.model_dump(mode="json"), model=model, calib=calib, stats=stats, rates=rates_f,
+        prune=prune_f, evaluation=futures["evaluate"], baseline=shared["baseline"], quantize=futures.get("quantize"))
+    return futures
 
 
 def _collect(v, futures: dict[str, Any], shared: dict[str, Any], stages: dict[str, Any], logger) -> dict | str:
@@ -61,7 +69,7 @@ def _collect(v, futures: dict[str, Any], shared: dict[str, Any], stages: dict[st
     for name, f in futures.items():
         vstages[name] = stage_record(f.state.name, res[name], None)  # ran concurrently: no per-stage wall time
     return summarize(v, shared["model"], res["rates"], res["prune"], res["evaluate"], shared["baseline"],
-                     res["register"], vstages)
+                     res["register"], vstages, quantize=res.get("quantize"))
 
 
 def _axes(base, variants) -> dict[str, Any]:

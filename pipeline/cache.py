@@ -59,6 +59,7 @@ STAGE_VERSIONS: dict[str, int] = {
     "alpha-candidates": 2,
     "prune": 1,
     "recover": 1,
+    "quantize": 1,
     "perplexity": 1,
     "zero_shot": 1,
     "evaluate": 1,

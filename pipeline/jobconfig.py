@@ -40,6 +40,7 @@ __all__ = [
     "PAPER_JOBS",
     "PerplexitySection",
     "PruningSection",
+    "QuantizationSection",
     "RecoverySection",
     "RegistrySection",
     "StorageSection",
@@ -106,6 +107,22 @@ class PruningSection(_Section):
     mode: Literal["sequential", "oneshot"] = "sequential"
     search: AlphaSearchSection = Field(default_factory=AlphaSearchSection,
                                        description="alpha: auto / statistic: auto -- the search's settings")
+
+
+class QuantizationSection(_Section):
+    """The optional ``quantize`` stage after prune (section absent: no stage): weights to 4 or 8 bits with the
+    pruned zeros kept, exported as a compressed-tensors W4A16 / W8A16 checkpoint (:mod:`dlp.quantize`)."""
+
+    bits: Literal[bounds.QUANT_BITS] = Field(bounds.DEFAULT_QUANT_BITS, description="4 (W4A16) or 8 (W8A16)")
+    group_size: int = Field(bounds.DEFAULT_GROUP_SIZE, **bounds.GROUP_SIZE.field(),
+                            description="inputs per scale; must divide every block linear's in_features")
+    method: Literal[bounds.QUANT_METHODS] = Field("gptq", description="gptq (calibrated) | rtn (round-to-nearest)")
+    compensation: Literal[bounds.QUANT_COMPENSATIONS] = Field(
+        "exact", description="GPTQ: exact (per-row, survivors only) | shared (SparseGPT's rule, faster)")
+    nsamples: int | None = Field(None, **bounds.NSAMPLES.field(),
+                                 description="GPTQ: the first N of the calibration stage's windows (None: all)")
+    export_dtype: Literal[bounds.QUANT_EXPORT_DTYPES] = Field(
+        "bfloat16", description="dtype of the scales and of the unquantized tensors in the checkpoint")
 
 
 class PerplexitySection(_Section):
@@ -206,6 +223,7 @@ class JobConfig(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
     pruning: PruningSection = Field(default_factory=PruningSection)
+    quantization: QuantizationSection | None = Field(None, description="optional quantize stage after prune")
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     recovery: RecoverySection | None = Field(None, description="LoRA recovery after pruning (absent: no recover stage)")
     registry: RegistrySection = Field(default_factory=RegistrySection)
@@ -243,6 +261,9 @@ class JobConfig(_Section):
             parts.append(p.mode)
         if self.recovery is not None:
             parts.append(f"lora{self.recovery.steps}")
+        q = self.quantization
+        if q is not None:
+            parts.append(f"w{q.bits}g{q.group_size}-{q.method}")
         return "-".join(parts)
 
     def flat_params(self) -> dict[str, str]:

@@ -65,6 +65,20 @@ LINEAGE_FIELDS = (
     "flow_run_id",
     "artifact_uri",
 )
+#: lineage of a quantized variant besides those (pipeline.stages.register.quantize_lineage): itself and its
+#: pruned parent
+QUANT_LINEAGE_FIELDS = (
+    "quantized",
+    "quantize_key",
+    "quant_method",
+    "quant_bits",
+    "quant_group_size",
+    "prune_key",
+    "parent_stage",
+    "parent_key",
+    "parent_artifact_uri",
+    "parent_sha256",
+)
 
 __all__ = [
     "DEFAULT_ALIAS",

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict
 
 from pipeline.manifest import Manifest
 
-__all__ = ["CalibrationResult", "EvaluationResult", "FetchResult", "ModelSource", "PruneResult", "RatesResult", "RecoverResult",
+__all__ = ["CalibrationResult", "EvaluationResult", "FetchResult", "ModelSource", "PruneResult", "QuantizeResult",
+           "RatesResult", "RecoverResult",
            "RegisterResult", "Registration", "StageResult", "StatisticsResult"]
 
 R = TypeVar("R", bound="StageResult")
@@ -124,6 +125,26 @@ class RecoverResult(StageResult):
     data: dict[str, Any] = {}
     train_seconds: float = 0.0
     weights_sha256: dict[str, str] = {}
+
+
+class QuantizeResult(StageResult):
+    """The quantized checkpoint (compressed-tensors W4A16 / W8A16) and what its load-back measured."""
+
+    bits: int
+    group_size: int
+    method: str
+    compensation: str | None = None
+    export_dtype: str = "bfloat16"
+    bytes_on_disk: int  # the checkpoint's safetensors files
+    parent_bytes: int  # the parent checkpoint's safetensors files
+    zeros_parent: int  # exactly-zero weights of the parent's block linears
+    zeros_loaded: int  # ... of the checkpoint loaded back through transformers (equal, or the stage fails)
+    weights_total: int
+    sparsity_loaded: float
+    parent_stage: str  # the checkpoint it quantized: prune's (or a later stage's)
+    parent_key: str
+    parent_uri: str | None = None
+    parent_sha256: str | None = None
 
 
 class EvaluationResult(StageResult):

@@ -9,6 +9,7 @@ from pipeline.results import (
     EvaluationResult,
     FetchResult,
     PruneResult,
+    QuantizeResult,
     RatesResult,
     RecoverResult,
     RegisterResult,
@@ -56,9 +57,11 @@ def _zero_shot(evaluation: EvaluationResult, baseline: EvaluationResult | None) 
 
 def summarize(cfg: Any, model: FetchResult, rates: RatesResult, prune: PruneResult, evaluation: EvaluationResult,
               baseline: EvaluationResult | None, registered: RegisterResult,
-              stages: Mapping[str, Any]) -> dict[str, Any]:
-    """The summary of one compressed variant (JSON values only)."""
+              stages: Mapping[str, Any], quantize: QuantizeResult | None = None) -> dict[str, Any]:
+    """The summary of one compressed variant (JSON values only). ``pruned_ppl`` is the registered variant's
+    (the quantized one's load-back when the job quantizes); ``checkpoint_*`` name its checkpoint."""
     reg, ref = registered.registered, model.ref
+    final = quantize if quantize is not None else prune
     return {
         "registered_name": reg.name, "version": str(reg.version), "model_uri": reg.model_uri,
         "alias_uri": f"models:/{reg.name}@{reg.alias or cfg.registry.alias}", "run_id": reg.run_id,
@@ -70,8 +73,9 @@ def summarize(cfg: Any, model: FetchResult, rates: RatesResult, prune: PruneResu
         "per_block": _per_block(prune, rates), "zero_shot": _zero_shot(evaluation, baseline),
         "stages": dict(stages),
         "base_model": {"source": ref.source, "revision": ref.revision, "fingerprint": ref.fingerprint},
-        "checkpoint_uri": prune.uri, "checkpoint_sha256": prune.manifest.sha256 if prune.manifest else None,
+        "checkpoint_uri": final.uri, "checkpoint_sha256": final.manifest.sha256 if final.manifest else None,
         "weights_sha256": prune.weights_sha256, "workdir": cfg.workdir, "store": cfg.storage_uri,
+        "quantization": _quantization(quantize, prune),
     }
 
 
@@ -91,3 +95,13 @@ def recovery_summary(recover: RecoverResult, before: EvaluationResult | None,
                      "loss_last": loss[-1] if loss else None, "settings": recover.settings,
                      "train_seconds": recover.train_seconds, "key": recover.key},
     }
+
+
+def _quantization(q: QuantizeResult | None, prune: PruneResult) -> dict[str, Any] | None:
+    """A quantized variant's figures: bits, group size, bytes on disk vs its parent, zeros after load-back."""
+    if q is None:
+        return None
+    keep = ("bits", "group_size", "method", "compensation", "export_dtype", "bytes_on_disk", "parent_bytes",
+            "zeros_parent", "zeros_loaded", "weights_total", "sparsity_loaded", "parent_stage", "parent_key",
+            "parent_uri")
+    return {**{k: getattr(q, k) for k in keep}, "key": q.key, "prune_key": prune.key}

@@ -11,6 +11,7 @@ from pipeline.results import (
     EvaluationResult,
     FetchResult,
     PruneResult,
+    QuantizeResult,
     RatesResult,
     RecoverResult,
     StatisticsResult,
@@ -23,6 +24,8 @@ from tasks.stage import as_state, stage_task
 def register_task(store: dict[str, Any], job: dict[str, Any], model: FetchResult, calib: CalibrationResult,
                   stats: StatisticsResult, rates: RatesResult, prune: PruneResult, evaluation: EvaluationResult,
                   baseline: EvaluationResult | None, stage_seconds: dict[str, float] | None = None,
-                  recover: RecoverResult | None = None, before: EvaluationResult | None = None):
-    stages = VariantStages(model, calib, stats, rates, prune, evaluation, baseline, recover, before)
+                  recover: RecoverResult | None = None, before: EvaluationResult | None = None,
+                  quantize: QuantizeResult | None = None):
+    stages = VariantStages(model, calib, stats, rates, prune, evaluation, baseline, recover=recover, before=before,
+                           quantize=quantize)
     return as_state(register_variant(store, job, stages, stage_seconds))

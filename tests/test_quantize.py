@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dlp import export, pruning
+from dlp.decoder import find_decoder
 from dlp.errors import DLPError
 from dlp.quantize import QuantSpec, gptq, quantize, rtn
 
@@ -29,7 +30,7 @@ def _copy(model):
 
 
 def _linears(model):
-    layout = pruning.find_decoder(model)
+    layout = find_decoder(model)
     return {layout.param_name(i, n): l.weight.detach().clone()
             for i in range(layout.num_blocks) for n, l in layout.linears(i).items()}
 

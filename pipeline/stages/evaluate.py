@@ -5,7 +5,8 @@ model + evaluation settings, shared by every variant) and the pruned variant (st
 Perplexity and zero-shot are cached separately (``eval/perplexity/<key>.json``, ``eval/zero_shot/<key>.json``),
 so adding zero-shot tasks never recomputes a perplexity. Keys:
 
-- perplexity: the target (``dense``: model fingerprint + dtype; ``pruned``: the prune key + dtype), the
+- perplexity: the target (``dense``: model fingerprint + dtype; ``pruned``: the prune key + dtype;
+  ``quantized``: the quantize key + dtype, evaluated on its load-back, see :mod:`pipeline.stages.quantize`), the
   evaluation text's content hash, the tokenizer hash, seqlen, max_windows;
 - zero-shot: the target, the resolved task list, limit, the evaluation files' content hash and the lm-eval
   version.
@@ -96,11 +97,22 @@ def zero_shot_spec(tasks: list[str], limit: int | None, data_dir: str | None) ->
 
 
 # ============================================================================================ keys
+def checkpoint_target(result: StageResult, model: Any) -> dict[str, Any]:
+    """The evaluation target of a stage's checkpoint: ``pruned`` for prune's, ``recovered`` for recover's (a folder
+    read like prune's, keyed by its own key), ``quantized`` for quantize's."""
+    if result.stage == "quantize":
+        return {"kind": "quantized", "quantize": result, "model": model}
+    return {"kind": "recovered" if result.stage == "recover" else "pruned", "prune": result, "model": model}
+
+
 def target_id(target: Mapping[str, Any], dtype: str) -> dict[str, Any]:
-    """The target of an evaluation: ``{"kind": "dense", "model": FetchResult}`` or ``{"kind": "pruned",
-    "prune": PruneResult, "model": FetchResult}``, as it enters a cache key."""
+    """The target of an evaluation: ``{"kind": "dense", "model": FetchResult}``, ``{"kind": "pruned",
+    "prune": PruneResult, "model": FetchResult}`` or ``{"kind": "quantized", "quantize": QuantizeResult,
+    "model": FetchResult}``, as it enters a cache key."""
     if target["kind"] == "dense":
         return {"kind": "dense", "model": target["model"].ref.fingerprint, "dtype": dtype}
+    if target["kind"] == "quantized":
+        return {"kind": "quantized", "quantize": target["quantize"].key, "dtype": dtype}
     return {"kind": "pruned", "prune": target["prune"].key, "dtype": dtype}
 
 
@@ -144,6 +156,13 @@ class _TargetModel:
             t0 = time.perf_counter()
             if self.target["kind"] == "dense":
                 self._ref = self.target["model"].ref.model_ref()
+            elif self.target["kind"] == "quantized":  # packed weights do not stream: evaluate the load-back
+                from pipeline.stages.quantize import loaded_back
+
+                quantized = self.target["quantize"]
+                folder = loaded_back(self.spec, quantized.manifest)
+                self._ref = ModelRef(source=str(folder), path=str(folder), revision=None,
+                                     fingerprint=quantized.manifest.sha256, kind="folder")
             else:
                 prune = self.target["prune"]
                 folder = materialize(self.spec, prune.manifest)

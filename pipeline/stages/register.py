@@ -39,6 +39,7 @@ from pipeline.results import (
     EvaluationResult,
     FetchResult,
     PruneResult,
+    QuantizeResult,
     RatesResult,
     RecoverResult,
     RegisterResult,
@@ -50,9 +51,13 @@ from pipeline.results import (
 _REGISTER_LOCK = threading.Lock()  # one registration at a time per process (SQLite registry, fluent MLflow API)
 
 
-def variant_key(prune: PruneResult, evaluation: EvaluationResult, recover: RecoverResult | None = None) -> str:
-    """The registered variant's identity; a recovered variant's includes the recover key (another version)."""
+def variant_key(prune: PruneResult, evaluation: EvaluationResult, recover: RecoverResult | None = None,
+                quantize: QuantizeResult | None = None) -> str:
+    """The registered variant's identity: the prune key + the evaluation key, and the recover / quantize keys of a
+    recovered / quantized variant (each another version)."""
     extra = {"recover": recover.key} if recover is not None else {}
+    if quantize is not None:
+        extra["quantize"] = quantize.key
     return content_key("variant", prune=prune.key, evaluation=evaluation.key, **extra)
 
 
@@ -95,17 +100,33 @@ def variant_metrics(
     evaluation: EvaluationResult,
     baseline: EvaluationResult | None,
     stage_seconds: Mapping[str, float | None] | None = None,
+    quantize: QuantizeResult | None = None,
 ) -> dict[str, float]:
-    """Sparsity, perplexity (pruned, dense, delta, ratio), zero-shot (with deltas to dense), stage seconds."""
+    """Sparsity, perplexity (the variant's -- named ``ppl.pruned`` for every variant --, dense, delta, ratio),
+    zero-shot (with deltas to dense), a quantized variant's figures, stage seconds."""
     m: dict[str, float] = {
         "sparsity.achieved": float(prune.achieved_sparsity),
         "sparsity.target": float(sum(prune.target_per_block) / len(prune.target_per_block)),
     }
     m.update(_ppl_metrics(evaluation, baseline))
     m.update(_zero_shot_metrics(evaluation.zero_shot or {}, (baseline.zero_shot if baseline else None) or {}))
+    m.update(quantize_metrics(quantize, evaluation))
     for stage, secs in (stage_seconds or {}).items():
         if secs is not None:
             m[f"time.{stage}_s"] = float(secs)
+    return m
+
+
+def quantize_metrics(q: QuantizeResult | None, evaluation: EvaluationResult) -> dict[str, float]:
+    """``quant.*``, ``bytes_on_disk*`` and ``sparsity.loaded_back`` of a quantized variant (empty otherwise)."""
+    if q is None:
+        return {}
+    m = {"quant.bits": float(q.bits), "quant.group_size": float(q.group_size), "bytes_on_disk": float(q.bytes_on_disk),
+         "bytes_on_disk.parent": float(q.parent_bytes), "bytes_on_disk.ratio": q.bytes_on_disk / max(q.parent_bytes, 1),
+         "sparsity.loaded_back": float(q.sparsity_loaded),
+         "sparsity.zeros_kept": float(q.zeros_loaded == q.zeros_parent)}
+    if evaluation.ppl is not None:
+        m["ppl.quantized"] = float(evaluation.ppl)
     return m
 
 
@@ -128,6 +149,8 @@ def recorded_stage_seconds(stages: "VariantStages") -> dict[str, float | None]:
     seconds: dict[str, float | None] = {r.stage: r.recorded_seconds for r in (s.calib, s.stats, s.rates, s.prune)}
     if s.recover is not None:
         seconds["recover"] = s.recover.recorded_seconds
+    if s.quantize is not None:
+        seconds["quantize"] = s.quantize.recorded_seconds
     for label, ev in (("evaluate", s.evaluation), ("baseline", s.baseline)):
         if ev:
             seconds[label] = sum(float(p.recorded_seconds or 0.0) for p in ev.parts.values())
@@ -155,7 +178,18 @@ def variant_lineage(cfg: Any, stages: "VariantStages") -> dict[str, Any]:
         "calibration_fingerprint": stages.calib.fingerprint,
         "artifact_uri": stages.final.uri,
         **(recovery_lineage(stages.recover) if stages.recover is not None else {}),
+        **quantize_lineage(stages),
     }
+
+
+def quantize_lineage(stages: "VariantStages") -> dict[str, Any]:
+    """A quantized variant's tags naming its pruned parent (prune key, checkpoint URI and sha256) and itself."""
+    q = stages.quantize
+    if q is None:
+        return {}
+    return {"quantized": True, "quantize_key": q.key, "quant_method": q.method, "quant_bits": q.bits,
+            "quant_group_size": q.group_size, "prune_key": stages.prune.key, "parent_stage": q.parent_stage,
+            "parent_key": q.parent_key, "parent_artifact_uri": q.parent_uri, "parent_sha256": q.parent_sha256}
 
 
 def _manifests(results: Mapping[str, StageResult]) -> dict[str, Any]:
@@ -165,8 +199,8 @@ def _manifests(results: Mapping[str, StageResult]) -> dict[str, Any]:
 def variant_documents(cfg: Any, stages: "VariantStages") -> dict[str, Any]:
     """The job YAML, the pipeline manifests and the zero-shot reports, by artifact file."""
     s = stages
-    manifests: dict[str, Any] = _manifests({r.stage: r for r in (s.model, s.calib, s.stats, s.rates, s.prune, s.recover)
-                                            if r is not None})
+    results = (s.model, s.calib, s.stats, s.rates, s.prune, s.recover, s.quantize)
+    manifests: dict[str, Any] = _manifests({r.stage: r for r in results if r is not None})
     manifests["evaluate"] = _manifests(s.evaluation.parts)
     if s.baseline:
         manifests["baseline"] = _manifests(s.baseline.parts)
@@ -211,15 +245,21 @@ class VariantStages:
     baseline: EvaluationResult | None
     recover: RecoverResult | None = None  # the recovered checkpoint (then ``evaluation`` is of it)
     before: EvaluationResult | None = None  # the pruned model's evaluation, before recovery
+    quantize: QuantizeResult | None = None  # the quantized checkpoint (of the recovered one when both ran)
 
     @property
-    def final(self) -> PruneResult | RecoverResult:
-        """The checkpoint that is registered."""
-        return self.recover if self.recover is not None else self.prune
+    def final(self) -> StageResult:
+        """The checkpoint that is registered: the latest one (prune's, else recover's, else quantize's)."""
+        return self.quantize or self.recover or self.prune
+
+    @property
+    def sparse(self) -> PruneResult | RecoverResult:
+        """The latest checkpoint with per-block sparsity (quantization keeps every zero, so it is the same)."""
+        return self.recover or self.prune
 
 
 def _metrics(stages: VariantStages, stage_seconds: Mapping[str, float | None]) -> dict[str, float]:
-    m = {**variant_metrics(stages.prune, stages.evaluation, stages.baseline, stage_seconds),
+    m = {**variant_metrics(stages.prune, stages.evaluation, stages.baseline, stage_seconds, stages.quantize),
          **search_metrics(stages.rates.alpha_search)}
     if stages.recover is not None:
         m.update(recovery_metrics(stages.recover, stages.before, stages.evaluation))
@@ -235,6 +275,12 @@ def _extra_artifacts(spec: StoreSpec, stages: VariantStages, tmp: Path) -> dict[
     return out
 
 
+def registry_storage(cfg: Any, stages: VariantStages) -> str:
+    """``registry.storage``, except that a quantized variant is logged whole (``dense``): its packed integer weights
+    share nothing with the base, and the compressed-tensors folder is already the small form."""
+    return "dense" if stages.quantize is not None else cfg.registry.storage
+
+
 def _log_variant(cfg: Any, spec: StoreSpec, stages: VariantStages, vkey: str, new: bool,
                  stage_seconds: Mapping[str, float | None], tmp: Path) -> Registration:
     """One :func:`pipeline.registry.log_variant_run` call with everything the variant's run holds."""
@@ -246,7 +292,7 @@ def _log_variant(cfg: Any, spec: StoreSpec, stages: VariantStages, vkey: str, ne
         checkpoint_dir=materialize(spec, stages.final.manifest) if new else workdir,  # not read when registered
         params=cfg.model_dump(mode="json"), metrics=_metrics(stages, stage_seconds),
         series=recovery_series(stages.recover) if stages.recover is not None else None,
-        block_sparsity=stages.final.achieved_per_block, block_target=rates.ratios,
+        block_sparsity=stages.sparse.achieved_per_block, block_target=rates.ratios,
         block_statistic=rates.block_statistic, statistic_name=rates.statistic_name,
         lineage=variant_lineage(cfg, stages), experiment=cfg.registry.experiment,
         artifact_location=cfg.registry.artifact_location, run_name=cfg.variant_name(),
@@ -254,7 +300,7 @@ def _log_variant(cfg: Any, spec: StoreSpec, stages: VariantStages, vkey: str, ne
         documents=variant_documents(cfg, stages),
         extra_artifacts=_extra_artifacts(spec, stages, tmp) if new else None,
         extra_tags={"dlp.job_name": cfg.name} if cfg.name else None,
-        storage=cfg.registry.storage, base_dir=stages.model.ref.path if new else None,
+        storage=registry_storage(cfg, stages), base_dir=stages.model.ref.path if new else None,
         base_source=stages.model.ref.source,
     )
     return Registration.model_validate(logged)
@@ -269,7 +315,7 @@ def register_variant(store: StoreSpec | Mapping[str, Any], job: Mapping[str, Any
 
     spec, cfg = StoreSpec.of(store), JobConfig.model_validate(dict(job))
     seconds = recorded_stage_seconds(stages) if stage_seconds is None else stage_seconds
-    vkey = variant_key(stages.prune, stages.evaluation, stages.recover)
+    vkey = variant_key(stages.prune, stages.evaluation, stages.recover, stages.quantize)
     t0 = time.perf_counter()
     with stage_lock(spec, "register", vkey), _REGISTER_LOCK, tempfile.TemporaryDirectory(prefix="dlp-register-") as tmp:
         client = registry.get_client(cfg.registry.tracking_uri, cfg.workdir_path)
