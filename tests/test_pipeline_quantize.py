@@ -86,6 +86,22 @@ def test_rerun_serves_quantize_from_the_store(quantized, monkeypatch):
     assert "quantized: W4A16, group 32, gptq" in format_summary(s2)
 
 
+def test_recover_then_quantize_chains_on_the_recovered_checkpoint(quantized, monkeypatch):
+    """prune -> recover -> quantize in one job: quantize takes the recovered checkpoint (its parent), every zero of
+    the pruned model survives both, and the variant is a version of its own."""
+    from tests.test_pipeline_flow import RECOVERY
+
+    runner, s1, _ = quantized
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    s = runner.run(monkeypatch, quantization=QUANT, recovery=RECOVERY)
+    assert {"recover", "quantize", "evaluate", "register"} <= runner.computed()
+    assert "prune" not in runner.computed() and s["stages"]["prune"]["state"] == "Cached"
+    q, rec = s["quantization"], s["recovery"]
+    assert q["parent_stage"] == "recover" and q["parent_key"] == rec["key"] and rec["exact"]
+    assert q["zeros_loaded"] == q["zeros_parent"] == s1["quantization"]["zeros_parent"]
+    assert s["variant"].endswith("-lora4-w4g32-gptq") and s["version"] != s1["version"]
+
+
 @pytest.mark.parametrize("setting, needle", [
     ("quantization.bits=3", "'quantization.bits' (set by override): expected one of 4, 8, got 3"),
     ("quantization.group_size=48", "group size 48 does not divide in_features 64"),
