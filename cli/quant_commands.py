@@ -19,6 +19,7 @@ import typer
 
 from cli.library import (BatchOpt, CalibOpt, DataDirOpt, DeviceOpt, DtypeOpt, JsonOpt, NsamplesOpt, RevisionOpt,
                          SeedOpt, SeqlenOpt, TrustOpt, _log, _set_data_dir)
+from dlp import bounds
 from dlp.errors import DLPError
 
 
@@ -33,7 +34,7 @@ def quantize_cmd(
     bits: int = typer.Option(4, "--bits", help="4 (W4A16) or 8 (W8A16)"),
     group_size: int = typer.Option(128, "--group-size", help="inputs per scale; must divide every linear's in_features"),
     method: str = typer.Option("gptq", "--method", help="gptq (calibrated, zeros kept) | rtn (round-to-nearest, no data)"),
-    compensation: str = typer.Option("exact", "--compensation", help="GPTQ: exact (per-row, survivors only) | shared (SparseGPT's rule, faster on large models)"),
+    compensation: str = typer.Option(bounds.DEFAULT_COMPENSATION, "--compensation", help="GPTQ: shared (SparseGPT's rule) | exact (per-row, survivors only; lower error, much slower)"),
     export_dtype: str = typer.Option("bfloat16", "--export-dtype", help="dtype of the scales and unquantized tensors (bfloat16 | float16 | float32)"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="load the checkpoint back and measure its sparsity"),
     revision: Optional[str] = RevisionOpt, dtype: str = DtypeOpt, device: str = DeviceOpt,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .bounds import QUANT_COMPENSATIONS
+from .bounds import DEFAULT_COMPENSATION, QUANT_COMPENSATIONS
 from .obs import DEFAULT_PERCDAMP, dampen, inverse_factor
 from .qgrid import QuantSpec, Quantized, codes, group_scale
 
@@ -34,7 +34,7 @@ _CHUNK_ELEMENTS = 2**26
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, percdamp: float = DEFAULT_PERCDAMP,
-         compensation: str = "exact") -> Quantized:
+         compensation: str = DEFAULT_COMPENSATION) -> Quantized:
     """Quantize ``weight`` (pruned entries exactly 0) given its inputs' Hessian (module docstring)."""
     H = dampen(hessian, percdamp)[0]
     W = weight.detach().to(torch.float32)

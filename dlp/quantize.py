@@ -123,7 +123,7 @@ class _Quantizer:
 
 def quantize(model: nn.Module, *, bits: int = bounds.DEFAULT_QUANT_BITS, group_size: int = bounds.DEFAULT_GROUP_SIZE,
              method: str = "gptq", windows: torch.Tensor | None = None, device: str = "cpu",
-             batch_size: int | None = None, percdamp: float = DEFAULT_PERCDAMP, compensation: str = "exact",
+             batch_size: int | None = None, percdamp: float = DEFAULT_PERCDAMP, compensation: str = bounds.DEFAULT_COMPENSATION,
              scale_dtype: torch.dtype | None = None) -> QuantResult:
     """Fake-quantize the decoder blocks' linears of ``model`` in place and return the scales (module
     docstring). ``compensation``: GPTQ's ``exact`` or ``shared`` solver (:mod:`dlp.gptq`); ``scale_dtype``

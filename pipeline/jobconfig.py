@@ -118,7 +118,8 @@ class QuantizationSection(_Section):
                             description="inputs per scale; must divide every block linear's in_features")
     method: Literal[bounds.QUANT_METHODS] = Field("gptq", description="gptq (calibrated) | rtn (round-to-nearest)")
     compensation: Literal[bounds.QUANT_COMPENSATIONS] = Field(
-        "exact", description="GPTQ: exact (per-row, survivors only) | shared (SparseGPT's rule, faster)")
+        bounds.DEFAULT_COMPENSATION, description="GPTQ: shared (SparseGPT's rule) | exact (per-row, survivors only; "
+                                                 "lower error, much slower)")
     nsamples: int | None = Field(None, **bounds.NSAMPLES.field(),
                                  description="GPTQ: the first N of the calibration stage's windows (None: all)")
     export_dtype: Literal[bounds.QUANT_EXPORT_DTYPES] = Field(
