@@ -25,17 +25,17 @@ from typing import Callable
 import torch
 
 from . import data
+from .adapter_fold import ADAPTER_DIR
 from .checkpoint import REPORT_NAME, save_checkpoint
 from .decoder import find_decoder
 from .errors import DLPError
-from .models import ModelRef, load_model, resolve_model
-from .recovery_merge import block_sparsity, merge, prunable_weights, zero_counts
+from .models import DTYPES, ModelRef, load_model, native_dtype_name, resolve_model
+from .recovery_merge import block_sparsity, cast_keeping_support_, merge, prunable_weights, zero_counts
 from .recovery_settings import RecoverySettings
 from .recovery_state import StateSaver
 from .recovery_train import add_lora, check_targets, train
 
 RECOVERY_REPORT = "recovery_report.json"
-ADAPTER_DIR = "adapter"
 CODE_VERSION = "recovery-1"  # part of the run key: bump when training or merging changes its results
 
 
@@ -111,6 +111,7 @@ def run_recovery(plan: RecoveryPlan, out: str | Path, *, saver: StateSaver | Non
     if out.exists() and any(out.iterdir()):
         raise DLPError(f"--out {out} exists and is not empty; choose a new folder")
     start = time.perf_counter()
+    native = DTYPES[native_dtype_name(plan.ref.path)]  # trained in float32, written in the checkpoint's dtype
     model, _, _ = load_model(plan.ref, dtype="float32", trust_remote_code=plan.trust_remote_code)
     before = zero_counts(model)
     peft_model = add_lora(model, plan.settings)
@@ -126,12 +127,14 @@ def run_recovery(plan: RecoveryPlan, out: str | Path, *, saver: StateSaver | Non
             peft_model.save_pretrained(str(staging / ADAPTER_DIR))
         t = time.perf_counter()
         recovered = merge(peft_model, plan.settings.merge)
+        moved = cast_keeping_support_(recovered, native)
         merge_seconds = time.perf_counter() - t
         after = zero_counts(recovered)
         report = _report(plan, state, resumed, before, after, prunable_weights(recovered), block_sparsity(recovered),
                          trainable,
                          {"plan": plan.seconds, "train": train_seconds, "merge": merge_seconds,
                           "total": plan.seconds + time.perf_counter() - start})
+        report["written"] = {"dtype": str(native).removeprefix("torch."), "kept_from_underflow": moved}
         _check_zeros(plan.settings.merge, before, after)
         _write(recovered, plan, staging, out, report)
     finally:

@@ -22,14 +22,17 @@ from torch import nn
 from .decoder import find_decoder
 
 
-def zero_counts(model: nn.Module) -> dict[str, int]:
-    """Exactly-zero weights among the decoder blocks' linears (the prunable weights), per linear and in all."""
+def _block_linears(model: nn.Module):
+    """``(weight name, linear)`` of every decoder block's linears (the prunable weights)."""
     layout = find_decoder(model)
-    out: dict[str, int] = {}
     for i in range(layout.num_blocks):
         for name, linear in layout.linears(i).items():
-            out[layout.param_name(i, name)] = int((linear.weight == 0).sum())
-    return out
+            yield layout.param_name(i, name), linear
+
+
+def zero_counts(model: nn.Module) -> dict[str, int]:
+    """Exactly-zero weights among the decoder blocks' linears (the prunable weights), per linear."""
+    return {name: int((linear.weight == 0).sum()) for name, linear in _block_linears(model)}
 
 
 def prunable_weights(model: nn.Module) -> int:
@@ -108,3 +111,23 @@ def merge(peft_model, mode: str) -> nn.Module:
     if mode == "plain":
         return peft_model.merge_and_unload()
     return peft_model.unload()
+
+
+def cast_keeping_support_(model: nn.Module, dtype: torch.dtype) -> int:
+    """Cast ``model`` (trained in float32) back to the checkpoint's ``dtype``. A non-zero weight of a block linear
+    that the cast would round to exactly zero (float16 underflows below 6e-8) becomes the smallest value of its
+    sign instead, so the set of zeros is the trained model's. Returns how many weights were moved that way."""
+    moved = 0
+    if dtype == torch.float32:
+        return moved
+    with torch.no_grad():
+        for _, linear in _block_linears(model):
+            w = linear.weight
+            cast = w.to(dtype)
+            lost = (cast == 0) & (w != 0)
+            if lost.any():
+                cast[lost] = torch.nextafter(torch.zeros_like(cast[lost]), torch.sign(w[lost]).to(dtype))
+                moved += int(lost.sum())
+            linear.weight.data = cast
+    model.to(dtype)
+    return moved

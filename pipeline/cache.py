@@ -396,3 +396,42 @@ def json_put(store: ArtifactStore, key: str, data: Any) -> PutResult:
 
 def read_json_artifact(spec: StoreSpec | Mapping[str, Any], manifest: Mapping[str, Any]) -> Any:
     return json.loads(materialize(spec, manifest).read_text(encoding="utf-8"))
+
+
+# ============================================================================================ derived local copies
+def _derived_paths(spec: StoreSpec, kind: str, sha256: str) -> tuple[Path, Path, Path]:
+    root = spec.scratch / kind / sha256[:32]
+    return root, root / "checkpoint", root / ".complete"
+
+
+def derived_folder(spec: StoreSpec | Mapping[str, Any], kind: str, manifest: Mapping[str, Any] | Manifest,
+                   build: Callable[[Path, Path], Any]) -> Path:
+    """A local folder made from the manifest's artifact by ``build(source_folder, out)`` (a quantized checkpoint's
+    dense load-back, a recovered checkpoint with its adapter folded in), written once into
+    ``<workdir>/cache/<kind>/<sha256>/checkpoint`` and reused while its stamp names the artifact's sha256."""
+    spec = StoreSpec.of(spec)
+    m = manifest if isinstance(manifest, Manifest) else Manifest.model_validate(dict(manifest))
+    root, target, stamp = _derived_paths(spec, kind, m.sha256)
+    with stage_lock(spec, kind, m.sha256):
+        if stamp.is_file() and stamp.read_text().strip() == m.sha256 and target.is_dir():
+            return target
+        stamp.unlink(missing_ok=True)
+        tmp = root / ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+        build(materialize(spec, m), tmp)
+        os.replace(tmp, target)
+        stamp.write_text(m.sha256)
+    return target
+
+
+def seed_derived_folder(spec: StoreSpec | Mapping[str, Any], kind: str, sha256: str, folder: Path) -> None:
+    """Keep a folder a stage already made as the artifact's ``kind`` copy (what :func:`derived_folder` would write)."""
+    spec = StoreSpec.of(spec)
+    root, target, stamp = _derived_paths(spec, kind, sha256)
+    with stage_lock(spec, kind, sha256):
+        stamp.unlink(missing_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(folder), str(target))
+        stamp.write_text(sha256)

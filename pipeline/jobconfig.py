@@ -204,8 +204,9 @@ class RecoverySection(_Section):
     data: str | None = Field(None, min_length=1, description="training text (None: the calibration source); "
                                                              "windows disjoint from the calibration windows")
     seed: int = bounds.DEFAULT_RECOVERY_SEED
-    merge: Literal["masked", "plain"] = Field(bounds.DEFAULT_MERGE, description="masked keeps every zero; plain "
-                                                                             "densifies (for comparison)")
+    merge: Literal[bounds.MERGE_MODES] = Field(  # type: ignore[valid-type]
+        bounds.DEFAULT_MERGE, description="masked keeps every zero; none keeps the adapter unmerged (an MLflow "
+                                          "artifact beside the sparse model); plain densifies (for comparison)")
     save_every: int = Field(bounds.DEFAULT_SAVE_EVERY, **bounds.SAVE_EVERY.field(), description="steps between training states saved to the store")
 
 
@@ -237,6 +238,9 @@ class JobConfig(_Section):
     def _derive(self) -> "JobConfig":
         if self.registry.model_name is None:
             self.registry.model_name = derive_model_name(self.model.source)
+        if self.recovery is not None and self.recovery.merge == "none" and self.quantization is not None:
+            raise ValueError("quantization needs the adapter merged: set recovery.merge to masked, or drop the "
+                             "quantization block")
         return self
 
     # -- helpers for tasks / flows
@@ -261,7 +265,7 @@ class JobConfig(_Section):
         if p.mode != "sequential":
             parts.append(p.mode)
         if self.recovery is not None:
-            parts.append(f"lora{self.recovery.steps}")
+            parts.append(f"lora{self.recovery.steps}" + {"none": "-adapter", "plain": "-plain"}.get(self.recovery.merge, ""))
         q = self.quantization
         if q is not None:
             parts.append(f"w{q.bits}g{q.group_size}-{q.method}")

@@ -152,8 +152,9 @@ def first_problem(err: ValidationError, root: type[BaseModel], override_keys: se
             described[key] = f"unknown key '{key}'{source}{hint} (valid: {', '.join(valid)})"
         elif e.get("type") == "missing":
             described[key] = f"'{key}' is required{source}"
-        elif e.get("type") == "value_error":  # a field validator's own sentence (sizes, paths)
-            described[key] = f"'{key}'{source}: {(e.get('ctx') or {}).get('error') or e.get('msg')}"
+        elif e.get("type") == "value_error":  # a validator's own sentence (sizes, paths, sections that clash)
+            sentence = (e.get("ctx") or {}).get("error") or e.get("msg")
+            described[key] = f"'{key}'{source}: {sentence}" if key else str(sentence)
         elif info is not None:
             expected = _expected(info.annotation, list(info.metadata))
             found, value = _lookup(data, key) if data is not None else (False, None)

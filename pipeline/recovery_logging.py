@@ -5,7 +5,9 @@
   / ``sparsity_after`` / ``exact``, ``recovery.steps``, ``recovery.train_s`` (``time.recover_s`` comes with the
   other stages' times); the loss curve
   as the stepped metric ``recovery.loss`` (one value per optimizer step);
-- artifacts: ``recovery/loss.png`` (the curve) and ``recovery/report.json`` (settings, data, curve, sparsity).
+- artifacts: ``recovery/loss.png`` (the curve) and ``recovery/report.json`` (settings, data, curve, sparsity);
+  with ``merge: none`` the unmerged adapter as ``adapter/`` beside the model (peft's layout: load the registered
+  model, then ``peft.PeftModel.from_pretrained(model, <run>/adapter)``), tagged ``dlp.recovery.adapter_artifact``.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from typing import Any
 
 from pipeline.results import EvaluationResult, RecoverResult
 
-__all__ = ["RECOVERED_TAG", "loss_plot", "recovery_documents", "recovery_lineage", "recovery_metrics",
-           "recovery_series"]
+__all__ = ["ADAPTER_ARTIFACT", "RECOVERED_TAG", "loss_plot", "recovery_documents", "recovery_lineage",
+           "recovery_metrics", "recovery_series", "unmerged_adapter"]
 
 RECOVERED_TAG = "dlp.recovered"
+ADAPTER_ARTIFACT = "adapter"  # the run artifact holding a merge-none variant's adapter
 
 
 def recovery_lineage(recover: RecoverResult) -> dict[str, Any]:
@@ -27,7 +30,17 @@ def recovery_lineage(recover: RecoverResult) -> dict[str, Any]:
     for name, value in recover.settings.items():
         if name != "save_every":
             out[f"recovery.{name}"] = ",".join(value) if isinstance(value, list) else value
+    if recover.settings.get("merge") == "none":
+        out["recovery.adapter_artifact"] = ADAPTER_ARTIFACT
     return out
+
+
+def unmerged_adapter(checkpoint: Path) -> Path | None:
+    """The saved adapter of a ``merge: none`` recovered checkpoint (None when the adapter was merged)."""
+    from dlp.adapter_fold import ADAPTER_DIR
+
+    folder = Path(checkpoint) / ADAPTER_DIR
+    return folder if folder.is_dir() else None
 
 
 def recovery_metrics(recover: RecoverResult, before: EvaluationResult | None,

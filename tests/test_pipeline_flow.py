@@ -369,3 +369,22 @@ def test_recovery_rerun_is_served_from_the_store_and_listed_beside_the_others(re
     assert table.splitlines()[0].rstrip().endswith("recovered") and "lora r2 (ppl" in table
     assert "lora r2 (ppl" in render_html("tiny-llama-dlp", list(variants.values()))
     assert "recovery (LoRA)" in format_summary(again) and "(exact)" in format_summary(again)
+
+
+def test_unmerged_adapter_is_evaluated_folded_and_logged_beside_the_sparse_model(recovered, env):
+    from pipeline.registry import get_client
+
+    runner, s1, masked, _, _ = recovered
+    s = runner.run(env, recovery={**RECOVERY, "merge": "none"})
+    assert runner.computed() == {"recover", "evaluate", "register"}  # another recovery; the pruned model's eval reused
+    rec = s["recovery"]
+    assert rec["exact"] and s["achieved_sparsity"] == s1["achieved_sparsity"]  # the stored weights are the pruned ones
+    assert rec["ppl_before"] == s1["pruned_ppl"] and rec["ppl_after"] == s["pruned_ppl"] != s1["pruned_ppl"]
+    assert s["version"] not in (masked["version"], s1["version"])
+    folded = list((runner.workdir / "cache" / "adapter-folded").glob("*/checkpoint/model.safetensors"))
+    assert len(folded) == 1  # what the evaluation read: the adapter folded into a dense copy
+    client = get_client(None, runner.workdir)
+    mv = client.get_model_version("tiny-llama-dlp", s["version"])
+    assert mv.tags["dlp.recovery.merge"] == "none" and mv.tags["dlp.recovery.adapter_artifact"] == "adapter"
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= {
+        a.path for a in client.list_artifacts(mv.run_id, "adapter")}

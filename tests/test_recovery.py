@@ -7,14 +7,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from dlp.adapter_fold import fold_adapter
+from dlp.decoder import find_decoder
 from dlp.errors import DLPError
-from dlp.recovery_merge import masked_merge_, merge, zero_counts
+from dlp.recovery_merge import cast_keeping_support_, masked_merge_, merge, zero_counts
 from dlp.recovery_settings import RecoverySettings
 from dlp.recovery_train import add_lora
 
@@ -41,7 +42,6 @@ def _random_adapters(peft_model, seed: int = 1) -> None:
 
 
 def _targets(model) -> tuple[str, ...]:
-    from dlp.decoder import find_decoder
 
     return tuple(sorted({n.rsplit(".", 1)[-1] for n in find_decoder(model).linears(0)}))
 
@@ -186,8 +186,48 @@ def test_recover_cli_unmerged_adapter(capsys, pruned_folder, tmp_path):
     assert "exact, merge none" in stdout
     pruned, stored = load_file(str(pruned_folder / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert all(torch.equal(stored[k], v) for k, v in pruned.items())  # the pruned weights, untouched
-    model = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(out), str(out / "adapter"))
+    model = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(out), str(out / "adapter")).eval()
     assert sum("lora_A" in n for n, _ in model.named_parameters()) == 2 * 2
+    # the evaluation view: the adapter folded into a dense copy computes what the unmerged adapter computes
+    folded = fold_adapter(out, tmp_path / "folded")
+    assert not (folded / "adapter").exists()
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+        got = tf.AutoModelForCausalLM.from_pretrained(folded).eval()(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    changed = {k for k, v in load_file(str(folded / "model.safetensors")).items() if not torch.equal(v, stored[k])}
+    assert changed == {f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("q_proj", "v_proj")}
+
+
+def test_recovered_checkpoint_keeps_the_pruned_dtype_and_every_zero(capsys, pruned_folder, tmp_path):
+    import transformers as tf
+
+    from dlp.checkpoint import save_checkpoint
+
+    model = tf.AutoModelForCausalLM.from_pretrained(pruned_folder, dtype=torch.bfloat16)
+    bf16 = save_checkpoint(model, tf.AutoTokenizer.from_pretrained(pruned_folder), tmp_path / "pruned-bf16",
+                           json.loads((pruned_folder / "dlp_report.json").read_text()))
+    out = tmp_path / "recovered"
+    code, stdout, err = run(capsys, "recover", "--model", str(bf16), "--out", str(out), *SMALL, "--json")
+    assert code in (0, None), err
+    assert json.loads(stdout)["written"]["dtype"] == "bfloat16"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    pruned, recovered = load_file(str(bf16 / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for name, w in pruned.items():
+        assert recovered[name].dtype == torch.bfloat16, name
+        assert torch.equal(recovered[name] == 0, w == 0), name
+
+
+def test_cast_to_float16_never_turns_a_kept_weight_into_a_zero():
+    model = _pruned_tiny("llama")
+    linear = next(iter(find_decoder(model).linears(0).values()))
+    with torch.no_grad():
+        linear.weight[0, :3] = torch.tensor([1e-9, -2e-9, 0.0])  # below float16's smallest value, and a zero
+    before = zero_counts(model)
+    assert cast_keeping_support_(model, torch.float16) == 2
+    assert zero_counts(model) == before
+    assert linear.weight.dtype == torch.float16 and linear.weight[0, 0] > 0 > linear.weight[0, 1]
 
 
 @pytest.mark.parametrize("args, needle", [

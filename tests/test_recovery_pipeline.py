@@ -59,3 +59,11 @@ def test_sweep_refuses_a_recovery_block_in_one_line(cli, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     code, out, err, secs = cli("sweep", "--set", "recovery.steps=4", "--workdir", str(tmp_path / "w"))
     assert code == 2 and out == "" and "dlp sweep does not run" in _one_error_line(err) and secs < 15
+
+
+def test_quantizing_an_unmerged_adapter_is_refused_in_one_line(cli, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code, out, err, secs = cli("compress", "--set", "recovery.merge=none", "--set", "quantization.bits=4",
+                               "--workdir", str(tmp_path / "w"))
+    assert code == 2 and out == "" and "quantization needs the adapter merged" in _one_error_line(err) and secs < 15
+    assert not (tmp_path / "w").exists()

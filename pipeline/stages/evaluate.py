@@ -23,6 +23,7 @@ from typing import Any, Mapping
 from pipeline.cache import (
     StoreSpec,
     content_key,
+    derived_folder,
     engine_progress,
     file_set_fingerprint,
     hook,
@@ -139,6 +140,23 @@ def evaluation_key(target: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
 
 
 # ============================================================================================ compute
+ADAPTER_FOLDED = "adapter-folded"  # the derived-folder kind of such a checkpoint with the adapter folded in
+
+
+def has_adapter(folder: Path) -> bool:
+    from dlp.adapter_fold import ADAPTER_DIR
+
+    return (Path(folder) / ADAPTER_DIR).is_dir()
+
+
+def adapter_folded(spec: StoreSpec, manifest: Any) -> Path:
+    """The recovered checkpoint with its unmerged adapter folded into a dense copy (:mod:`dlp.adapter_fold`: the
+    same function the adapter computes), made once per checkpoint sha256 in ``<workdir>/cache/adapter-folded/``."""
+    from dlp.adapter_fold import fold_adapter
+
+    return derived_folder(spec, ADAPTER_FOLDED, manifest, fold_adapter)
+
+
 class _TargetModel:
     """The evaluated model: its folder (a pruned checkpoint is materialised from the store on first use, never when
     every part is cached), streamed block by block for perplexity, loaded for zero-shot -- whole when it fits the
@@ -166,6 +184,8 @@ class _TargetModel:
             else:
                 prune = self.target["prune"]
                 folder = materialize(self.spec, prune.manifest)
+                if has_adapter(folder):  # merge none: evaluate what the unmerged adapter computes
+                    folder = adapter_folded(self.spec, prune.manifest)
                 self._ref = ModelRef(source=str(folder), path=str(folder), revision=None,
                                      fingerprint=prune.manifest.sha256, kind="folder")
             self.load_seconds += time.perf_counter() - t0

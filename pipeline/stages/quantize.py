@@ -27,12 +27,13 @@ from typing import Any, Mapping
 from pipeline.cache import (
     StoreSpec,
     content_key,
+    derived_folder,
     engine_progress,
     hook,
     materialize,
     run_cached,
+    seed_derived_folder,
     seed_materialized,
-    stage_lock,
     stage_logger,
 )
 from pipeline.manifest import Manifest
@@ -89,7 +90,7 @@ def run_quantize(store: StoreSpec | Mapping[str, Any], model: FetchResult, calib
         figures = _quantize_export(spec, key, out, back, model, calib, source, params)
         hook("quantize", "save")
         put = st.put_dir(out, artifact_key)
-        _seed_loaded_back(spec, put.sha256, back)  # evaluation reads it: no second load-back
+        seed_derived_folder(spec, LOADED_BACK, put.sha256, back)  # evaluation reads it: no second load-back
         seed_materialized(spec, put, out)
         shutil.rmtree(out, ignore_errors=True)
         return put, {**figures, "compute_seconds": round(time.perf_counter() - t0, 3)}
@@ -140,20 +141,7 @@ def _quantize_export(spec: StoreSpec, key: str, out: Path, back: Path, model: Fe
             "engine_seconds": round(result.seconds, 3)}
 
 
-def _loaded_back_paths(spec: StoreSpec, sha256: str) -> tuple[Path, Path, Path]:
-    root = spec.scratch / "loaded-back" / sha256[:32]
-    return root, root / "checkpoint", root / ".complete"
-
-
-def _seed_loaded_back(spec: StoreSpec, sha256: str, folder: Path) -> None:
-    """Keep the stage's own load-back as the artifact's dense copy (what :func:`loaded_back` would write)."""
-    root, target, stamp = _loaded_back_paths(spec, sha256)
-    with stage_lock(spec, "loaded-back", sha256):
-        stamp.unlink(missing_ok=True)
-        shutil.rmtree(target, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(folder), str(target))
-        stamp.write_text(sha256)
+LOADED_BACK = "loaded-back"  # the derived-folder kind of a quantized checkpoint's dense load-back
 
 
 def loaded_back(spec: StoreSpec | Mapping[str, Any], manifest: Manifest | Mapping[str, Any]) -> Path:
@@ -161,17 +149,4 @@ def loaded_back(spec: StoreSpec | Mapping[str, Any], manifest: Manifest | Mappin
     once into ``<workdir>/cache/loaded-back/<sha256>/`` and reused while its stamp names the artifact's sha256."""
     from dlp.export import dequantize_folder
 
-    spec = StoreSpec.of(spec)
-    m = manifest if isinstance(manifest, Manifest) else Manifest.model_validate(dict(manifest))
-    root, target, stamp = _loaded_back_paths(spec, m.sha256)
-    with stage_lock(spec, "loaded-back", m.sha256):
-        if stamp.is_file() and stamp.read_text().strip() == m.sha256 and target.is_dir():
-            return target
-        stamp.unlink(missing_ok=True)
-        tmp = root / ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(target, ignore_errors=True)
-        dequantize_folder(materialize(spec, m), tmp)
-        os.replace(tmp, target)
-        stamp.write_text(m.sha256)
-    return target
+    return derived_folder(spec, LOADED_BACK, manifest, dequantize_folder)

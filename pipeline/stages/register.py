@@ -28,11 +28,13 @@ from typing import Any, Mapping
 
 from pipeline.cache import StoreSpec, content_key, hook, materialize, stage_lock, stage_logger
 from pipeline.recovery_logging import (
+    ADAPTER_ARTIFACT,
     loss_plot,
     recovery_documents,
     recovery_lineage,
     recovery_metrics,
     recovery_series,
+    unmerged_adapter,
 )
 from pipeline.results import (
     CalibrationResult,
@@ -272,6 +274,9 @@ def _extra_artifacts(spec: StoreSpec, stages: VariantStages, tmp: Path) -> dict[
         out["alpha_search"] = _fetch_alpha_search(spec, found, tmp / "alpha_search")
     if stages.recover is not None:
         out["recovery"] = loss_plot(stages.recover, tmp / "recovery").parent
+        adapter = unmerged_adapter(materialize(spec, stages.recover.manifest))
+        if adapter is not None:
+            out[ADAPTER_ARTIFACT] = adapter
     return out
 
 
