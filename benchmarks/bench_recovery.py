@@ -12,7 +12,7 @@ Each training run is ``dlp recover`` in its own process under ``/usr/bin/time -v
 Results are cached in the work folder, so an interrupted benchmark continues where it stopped.
 
     nice -n 10 .venv/bin/python benchmarks/bench_recovery.py [--budgets 60,240] [--eval-windows 16] \\
-        [--work .dlp-work/bench-recovery] [--threads N]
+        [--work .dlp-work/bench-recovery] [--threads N] [--all-variants-at first|every]
 """
 from __future__ import annotations
 
@@ -100,21 +100,24 @@ def timed_recover(pruned: Path, out: Path, steps: int, merge: str, threads: int)
             "prunable": report["sparsity"]["prunable_weights"], "command": " ".join(cmd[2:])}
 
 
-def variants(work: Path, steps: int, res: Results, args) -> None:
-    """Train both adapters for one budget, then measure the four ways of keeping them."""
+VARIANTS = ("masked", "unmerged", "plain merge", "masked merge of a plain adapter")
+
+
+def variants(work: Path, steps: int, res: Results, args, names: tuple[str, ...] = VARIANTS) -> None:
+    """Train the adapters ``names`` need for one budget (mask-aware, plain), then measure each way of keeping them."""
     import transformers as tf
     from peft import PeftModel
 
     from dlp.recovery_merge import masked_merge_
 
     pruned = work / "pruned"
-    for merge in ("masked", "none"):
+    for merge in ("masked",) + (("none",) if set(names) - {"masked"} else ()):
         key = f"train/{steps}/{merge}"
         if res.get(key) is None:
             print(f"training {steps} steps, merge {merge} ...", flush=True)
             res.put(key, timed_recover(pruned, work / f"recovered-{steps}-{merge}", steps, merge, args.threads))
     tok = tf.AutoTokenizer.from_pretrained(pruned)
-    for name in ("masked", "unmerged", "plain merge", "masked merge of a plain adapter"):
+    for name in names:
         key = f"eval/{steps}/{name}"
         if res.get(key) is not None:
             continue
@@ -144,9 +147,10 @@ def table(res: Results, budgets: list[int], args) -> None:
     print("| steps | variant | ppl | vs pruned | zero weights | sparsity | exact | train wall s | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for steps in budgets:
-        for name, run in (("masked", "masked"), ("unmerged", "none"), ("plain merge", "none"),
-                          ("masked merge of a plain adapter", "none")):
-            e, t = res.get(f"eval/{steps}/{name}"), res.get(f"train/{steps}/{run}")
+        for name in VARIANTS:
+            e, t = res.get(f"eval/{steps}/{name}"), res.get(f"train/{steps}/{'masked' if name == 'masked' else 'none'}")
+            if e is None:
+                continue
             drop = 1 - e["ppl"] / before["ppl"]
             print(f"| {steps} | {name} | {e['ppl']:.2f} | {-drop:+.1%} | {e['zeros']} | "
                   f"{e['zeros'] / before['prunable']:.6f} | {'yes' if e['zeros'] == before['zeros'] else 'no'} | "
@@ -156,6 +160,9 @@ def table(res: Results, budgets: list[int], args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", default="60,240", help="comma-separated step budgets (the first: the CPU default)")
+    ap.add_argument("--all-variants-at", default="first", choices=("first", "every"),
+                    help="measure the four ways of keeping the adapter at the first budget only (the larger "
+                         "budgets: the masked default alone), or at every budget")
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--eval-seqlen", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in every process")
@@ -179,8 +186,8 @@ def main() -> None:
 
         res.put("before", {"ppl": evaluate(model.eval(), tok, args), "zeros": zeros(model),
                            "prunable": prunable_weights(model)})
-    for steps in budgets:
-        variants(args.work, steps, res, args)
+    for i, steps in enumerate(budgets):
+        variants(args.work, steps, res, args, VARIANTS if i == 0 or args.all_variants_at == "every" else ("masked",))
     table(res, budgets, args)
 
 
