@@ -30,13 +30,23 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, tmp_path_factory, prefect_harness):
+    """The reference: the same job run once without a kill, in this process, in its own workdir."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    mp = pytest.MonkeyPatch()
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+    try:
+        return Runner(tiny_model, tmp / "ref-work", tmp / "ref-trace.txt").run(mp, pruning={"alpha": 0.12})
+    finally:
+        mp.undo()
+
+
 @pytest.mark.parametrize("kill_at", ["block2", "after_artifact"])
-def test_sigkill_during_prune_then_rerun_matches_an_uninterrupted_run(kill_at, tiny_model, tmp_path, prefect_harness,
-                                                                     monkeypatch):
+def test_sigkill_during_prune_then_rerun_matches_an_uninterrupted_run(kill_at, uninterrupted, tiny_model, tmp_path,
+                                                                     prefect_harness, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    # reference: an uninterrupted run in this process, in its own workdir
-    ref_runner = Runner(tiny_model, tmp_path / "ref-work", tmp_path / "ref-trace.txt")
-    ref = ref_runner.run(monkeypatch, pruning={"alpha": 0.12})
+    ref = uninterrupted
 
     work = tmp_path / "work"
     job_file = tmp_path / "job.json"
