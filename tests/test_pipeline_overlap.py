@@ -1,8 +1,8 @@
 """Overlapping runs: a scheduled compress overlapping a manual one is ordinary in operations.
 
-Two identical ``dlp compress`` started at once in one work dir (each boots its own temporary Prefect server on
-the work dir's one Prefect database) both finish, register one version and leave no half-written artifact;
-two different jobs started at once both finish and register one version each."""
+Two identical ``dlp compress`` and a third, different job started at once in one work dir (each boots its own
+temporary Prefect server on the work dir's one Prefect database) all finish; the identical pair registers one
+version, the different job another, and no half-written artifact is left."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 from tests.test_pipeline_flow import ROOT, tiny_job, tiny_model  # noqa: F401 (fixture)
 
@@ -52,21 +50,14 @@ def _versions(workdir: Path, name: str) -> list[str]:
     return sorted(str(mv.version) for mv in get_client(None, str(workdir)).search_model_versions(f"name='{name}'"))
 
 
-def test_two_identical_compress_at_once_in_one_workdir(tiny_model, tmp_path):
+def test_two_identical_and_one_different_compress_at_once_in_one_workdir(tiny_model, tmp_path):
+    """Three runs at once (one round of process and server start-ups instead of two): the identical pair shares
+    one version, the different job gets its own."""
     work = tmp_path / "work"
     job = tiny_job(tiny_model, work)
-    a, b = _finish([_start(job, tmp_path, "a"), _start(job, tmp_path, "b")])
-    assert a["variant_key"] == b["variant_key"] and a["version"] == b["version"]
+    a, b, c = _finish([_start(job, tmp_path, "a"), _start(job, tmp_path, "b"),
+                       _start(tiny_job(tiny_model, work, pruning={"allocation": "uniform"}), tmp_path, "c")])
+    assert a["variant_key"] == b["variant_key"] != c["variant_key"] and a["version"] == b["version"] != c["version"]
     assert a["checkpoint_sha256"] == b["checkpoint_sha256"] and a["pruned_ppl"] == b["pruned_ppl"]
-    assert _versions(work, "tiny-llama-dlp") == ["1"]
-    assert _leftovers(work) == []
-
-
-def test_two_different_jobs_at_once_in_one_workdir(tiny_model, tmp_path):
-    work = tmp_path / "work"
-    a, b = _finish([_start(tiny_job(tiny_model, work, pruning={"alpha": 0.1}), tmp_path, "a"),
-                    _start(tiny_job(tiny_model, work, pruning={"allocation": "uniform"}), tmp_path, "b")])
-    assert a["variant_key"] != b["variant_key"]
-    assert sorted([a["version"], b["version"]]) == ["1", "2"]
-    assert _versions(work, "tiny-llama-dlp") == ["1", "2"]
+    assert sorted({a["version"], c["version"]}) == ["1", "2"] and _versions(work, "tiny-llama-dlp") == ["1", "2"]
     assert _leftovers(work) == []
