@@ -13,13 +13,11 @@ float32 and added in float32 before the cast back to the checkpoint's dtype, as 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .checkpoint import copy_side_files, staged_folder
 from .errors import DLPError
 
 ADAPTER_DIR = "adapter"  # where a recovered checkpoint keeps its unmerged adapter
@@ -79,9 +77,7 @@ def fold_adapter(folder: str | Path, out: str | Path, adapter_dir: str | Path | 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise DLPError(f"{folder} has no .safetensors weights to fold the adapter into")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         folded = 0
         for path in files:  # one weights file in memory at a time
             with safe_open(str(path), framework="pt") as f:
@@ -95,12 +91,5 @@ def fold_adapter(folder: str | Path, out: str | Path, adapter_dir: str | Path | 
         if folded != len(updates):
             raise DLPError(f"the adapter updates {len(updates)} weights but {folder} has {folded} of them; "
                            f"the adapter belongs to another model")
-        for path in folder.iterdir():
-            if path.is_file() and path.suffix != ".safetensors":
-                shutil.copy2(path, tmp / path.name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        copy_side_files(folder, tmp)
     return out

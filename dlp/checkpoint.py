@@ -13,7 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 from .checkpoint_reader import INDEX_NAME, TensorInfo
 from .checkpoint_writer import DEFAULT_MAX_SHARD_SIZE, ShardedWriter
@@ -24,18 +26,33 @@ SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json
               "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model", "vocab.txt", "chat_template.jinja")
 
 
-def save_checkpoint(model, tokenizer, out: str | Path, report: dict) -> Path:
+@contextmanager
+def staged_folder(out: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` to write into; when the block ends without an error it replaces ``out``
+    in one rename, so a half-written folder never sits under the final name (and is removed on an error)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1))
+        yield tmp
         _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+
+def copy_side_files(src: Path, dst: Path, skip: Callable[[Path], bool] = lambda p: p.suffix == ".safetensors") -> None:
+    """Copy the plain files of ``src`` (config, tokenizer, reports; not sub-folders) that ``skip`` keeps."""
+    for path in Path(src).iterdir():
+        if path.is_file() and not skip(path):
+            shutil.copy2(path, Path(dst) / path.name)
+
+
+def save_checkpoint(model, tokenizer, out: str | Path, report: dict) -> Path:
+    with staged_folder(out) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1))
+    return Path(out)
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .checkpoint import copy_side_files, staged_folder
 from .errors import DLPError
 from .models import _sha256_file, folder_fingerprint
 
@@ -200,23 +198,14 @@ def pack(variant: str | Path, base: str | Path, out: str | Path, *, base_source:
                 "files": {}, "tensors": {}}
     kinds: dict[str, int] = {}
     files = _weight_files(variant)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         for i, path in enumerate(files):  # one weights file in memory at a time
             store = _pack_file(path, reader, manifest, kinds)
             manifest["files"][path.name]["store"] = _store_name(i, len(files))
             save_file(store, str(tmp / _store_name(i, len(files))), metadata={"format": FORMAT})
             del store
-        for path in variant.iterdir():
-            if path.is_file() and path.suffix != ".safetensors":
-                shutil.copy2(path, tmp / path.name)
+        copy_side_files(variant, tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     dense = sum(f["bytes"] for f in manifest["files"].values())
     return PackInfo(out, folder_bytes(out), dense, kinds)
 
@@ -264,21 +253,12 @@ def materialize(variant: str | Path, base: str | Path, out: str | Path) -> Path:
     manifest = read_manifest(variant)
     check_base(manifest, base)
     reader = _BaseReader(Path(base))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         stores = {info["store"] for info in manifest["files"].values()}
-        for path in variant.iterdir():
-            if path.is_file() and path.name != MANIFEST and path.name not in stores:
-                shutil.copy2(path, tmp / path.name)
+        copy_side_files(variant, tmp, skip=lambda p: p.name == MANIFEST or p.name in stores)
         for filename, info in manifest["files"].items():
             _materialize_file(variant / info["store"], info, manifest["tensors"], reader, tmp / filename)
             if _sha256_file(tmp / filename) != info["sha256"]:
                 raise DLPError(f"materialized {filename} differs from the packed variant's sha256; "
                                f"the variant folder {variant} is damaged: re-pack it from its dense copy")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -53,19 +53,14 @@ def test_block_statistic_and_sparsities_match(reference, ref_stats):
     np.testing.assert_allclose(ref_stats.statistic("mean"), reference["dlp"]["block_statistic_mean"], rtol=1e-3)
 
 
-def test_block0_masks(reference, pruned_model):
+def test_block0_masks(pruned_model):
+    from benchmarks.bench_reference import block0_agreement
+
     model, _ = pruned_model
-    masks = np.load(REFERENCE_DIR / "smollm2-135m-wanda-dlp-mean-0.7-block0-masks.npz")
-    params = dict(model.named_parameters())
-    agree = total = 0
-    for name in masks.files:
-        w = params[name].detach().numpy()
-        theirs = np.unpackbits(masks[name])[: w.size].reshape(w.shape).astype(bool)
-        agree += int(((w == 0) == theirs).sum())
-        total += w.size
-    assert len(masks.files) == len(find_decoder(model).linears(0)) == 7
-    print(f"\nblock-0 masks: {agree / total:.6f} of {total} positions agree with the reference")
-    assert agree / total >= 0.999
+    agree, total = block0_agreement(model, REFERENCE_DIR)
+    assert total == sum(lin.weight.numel() for lin in find_decoder(model).linears(0).values())  # all 7 linears
+    print(f"\nblock-0 masks: {agree:.6f} of {total} positions agree with the reference")
+    assert agree >= 0.999
 
 
 def test_achieved_sparsity(reference, pruned_model):
