@@ -34,6 +34,7 @@ from pipeline.cache import (
     stage_logger,
     text_fingerprint,
 )
+from pipeline.recovery_logging import unmerged_adapter
 from pipeline.results import EvaluationResult, StageResult
 
 
@@ -143,12 +144,6 @@ def evaluation_key(target: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
 ADAPTER_FOLDED = "adapter-folded"  # the derived-folder kind of such a checkpoint with the adapter folded in
 
 
-def has_adapter(folder: Path) -> bool:
-    from dlp.adapter_fold import ADAPTER_DIR
-
-    return (Path(folder) / ADAPTER_DIR).is_dir()
-
-
 def adapter_folded(spec: StoreSpec, manifest: Any) -> Path:
     """The recovered checkpoint with its unmerged adapter folded into a dense copy (:mod:`dlp.adapter_fold`: the
     same function the adapter computes), made once per checkpoint sha256 in ``<workdir>/cache/adapter-folded/``."""
@@ -184,7 +179,7 @@ class _TargetModel:
             else:
                 prune = self.target["prune"]
                 folder = materialize(self.spec, prune.manifest)
-                if has_adapter(folder):  # merge none: evaluate what the unmerged adapter computes
+                if unmerged_adapter(folder) is not None:  # merge none: evaluate what the unmerged adapter computes
                     folder = adapter_folded(self.spec, prune.manifest)
                 self._ref = ModelRef(source=str(folder), path=str(folder), revision=None,
                                      fingerprint=prune.manifest.sha256, kind="folder")
